@@ -1,0 +1,68 @@
+# misp-dpo: every target creates .venv itself when it is missing or older than pyproject.toml.
+# Only python3 and make are needed on a fresh machine.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DAGSTER_HOME := $(CURDIR)/.dagster_home
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 3000
+SHARDS ?= $(or $(MISP_SHARDS),4)
+SHARD_KEYS := $(shell seq -f '%03g' 0 $$(($(SHARDS) - 1)))
+
+# Nothing may reach a model hub at run time: a miss fails at once instead of hanging.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DAGSTER_HOME
+export MISP_SHARDS := $(SHARDS)
+
+.PHONY: help venv test ui validate world embed bench clean-data clean-venv
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)  ## Create or update .venv from pyproject.toml
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	@mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+
+test: $(STAMP)  ## Run the test suite (CPU only, offline)
+	$(PY) -m pytest -q
+
+validate: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## Check that the Dagster definitions load
+	$(VENV)/bin/dagster definitions validate
+
+ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## Serve the Dagster UI on $(UI_HOST):$(UI_PORT)
+	$(VENV)/bin/dagster dev -h $(UI_HOST) -p $(UI_PORT)
+
+world: $(STAMP)  ## Generate the scene world (MISP_WORLD_PRESET, default 'default') under the data root
+	$(PY) -m world --preset $(or $(MISP_WORLD_PRESET),default) --seed $(or $(MISP_WORLD_SEED),0) \
+		--out $(or $(MISP_DATA_ROOT),data)/world/$(or $(MISP_WORLD_PRESET),default)-seed$(or $(MISP_WORLD_SEED),0)
+
+embed: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## Source -> CLIP -> per-shard ingest and embeddings, from the CLI
+	$(VENV)/bin/dagster asset materialize -m assets.definitions --select source_data,clip_model
+	@for shard in $(SHARD_KEYS); do \
+		echo "== shard $$shard"; \
+		$(VENV)/bin/dagster asset materialize -m assets.definitions --partition $$shard \
+			--select pool_images,preference_examples,pool_embeddings,positive_embeddings,prompt_embeddings \
+			|| exit 1; \
+	done
+	$(PY) -m pipeline.summary
+
+bench: $(STAMP)  ## Run the benchmarks serially (tables printed, JSON under reports/bench/)
+	$(PY) bench/embed.py
+
+clean-data:  ## Delete the data root and the Dagster instance (asks first)
+	@read -p "delete $(or $(MISP_DATA_ROOT),data) and $(DAGSTER_HOME)? [y/N] " ok && [ "$$ok" = y ] && \
+		rm -rf $(or $(MISP_DATA_ROOT),data) $(DAGSTER_HOME) || echo kept
+
+clean-venv:  ## Delete .venv
+	rm -rf $(VENV)

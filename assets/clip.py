@@ -1,0 +1,95 @@
+"""The CLIP encoder asset: trains the world CLIP when none is configured, or fingerprints the user's."""
+
+
+import json
+from typing import Optional
+
+import dagster as dg
+import polars as pl
+
+from assets.resources import ClipModel, DataRoot, DataSource
+from assets.source import source_data
+from pipeline.clip_encoder import ClipEncoder
+from pipeline.clip_train import WorldClipConfig, retrieval_from_embeddings, train_world_clip
+from pipeline.fingerprint import fingerprint, sha256_file
+from pipeline.parquet_io import write_json_atomic
+
+# Training budget per world preset: seconds for tests, minutes for the demo.
+CLIP_PRESETS = {
+    "tiny": WorldClipConfig(steps=30, batch_size=32, warmup_steps=5, eval_size=64),
+    "default": WorldClipConfig(),
+    "large": WorldClipConfig(steps=3000, batch_size=256),
+}
+
+
+class ClipTrainConfig(dg.Config):
+    """Overrides of the world-CLIP training budget (empty: the preset's)."""
+
+    steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    seed: Optional[int] = None
+
+
+def _world_pairs(world_dir, split: str) -> tuple[list[str], list[str]]:
+    scenes = pl.read_parquet(world_dir / "scenes.parquet").filter(pl.col("split") == split).sort("image")
+    return [str(world_dir / p) for p in scenes["image"]], scenes["caption"].to_list()
+
+
+@dg.asset(group_name="clip", deps=[source_data], kinds={"pytorch", "safetensors"})
+def clip_model(context: dg.AssetExecutionContext, config: ClipTrainConfig, data_root: DataRoot,
+               source: DataSource, clip: ClipModel) -> dg.MaterializeResult:
+    """The CLIP used to embed everything. With none configured, a small open_clip model trained
+    contrastively on the world's pool images and captions, with its zero-shot retrieval accuracy."""
+    root = data_root.root()
+    if clip.is_world:
+        if source.kind != "world":
+            raise ValueError("no CLIP is configured and the data source is not the scene world: set "
+                             "MISP_CLIP_MODEL (e.g. 'local-dir:/models/clip-vit-b-32' or 'ViT-B-32' with "
+                             "MISP_CLIP_PRETRAINED=/path/open_clip_model.safetensors)")
+        base = CLIP_PRESETS.get(source.world_preset, WorldClipConfig())
+        overrides = {k: v for k, v in config.model_dump().items() if v is not None}
+        cfg = WorldClipConfig(**{**base.__dict__, **overrides})
+        world_dir = source.world_dir(root)
+        folder = clip.world_clip_dir(root)
+        want = fingerprint(cfg.__dict__, sha256_file(world_dir / "world.json"))
+        metrics_file = folder / "metrics.json"
+        current = metrics_file.exists() and (folder / "open_clip_model.safetensors").exists() and \
+            json.loads(metrics_file.read_text()).get("fingerprint") == want
+        if current:
+            context.log.info(f"world CLIP at {folder} is current; not retraining")
+            info = json.loads(metrics_file.read_text())
+        else:
+            train = _world_pairs(world_dir, "pool")
+            test = _world_pairs(world_dir, "test")
+            result = train_world_clip(*train, *test, folder, cfg, progress=True)
+            info = json.loads(metrics_file.read_text())
+            info["fingerprint"] = want
+            info["loss_curve"] = result.losses[:: max(1, len(result.losses) // 50)]
+            write_json_atomic(info, metrics_file)
+        encoder = ClipEncoder(clip.spec(root))
+        retrieval, baseline = info["retrieval"], info["random_init_retrieval"]
+        meta = {
+            "retrieval/image_to_text_top1": retrieval["image_to_text_top1"],
+            "retrieval/text_to_image_top1": retrieval["text_to_image_top1"],
+            "retrieval/candidates": retrieval["n"],
+            "random_init/image_to_text_top1": baseline["image_to_text_top1"],
+            "num_parameters": info["num_parameters"],
+            "train_seconds": round(info["seconds"], 1),
+            "final_loss": info["final_loss"],
+            "loss_curve": dg.MetadataValue.json(info.get("loss_curve", [])),
+            "folder": dg.MetadataValue.path(str(folder)),
+        }
+    else:
+        encoder = ClipEncoder(clip.spec(root))
+        meta = {"model": clip.model, "pretrained": clip.pretrained or "(random init)"}
+        if source.kind == "world":  # a user's CLIP on the world: still worth knowing how well it reads it
+            images, captions = _world_pairs(source.world_dir(root), "test")
+            images, captions = images[:1000], captions[:1000]
+            m = retrieval_from_embeddings(encoder.embed_images(images, progress=False),
+                                          encoder.embed_texts(captions, progress=False), captions)
+            meta["retrieval/image_to_text_top1"] = m.image_to_text_top1
+            meta["retrieval/text_to_image_top1"] = m.text_to_image_top1
+    meta.update({"fingerprint": encoder.fingerprint, "embedding_dim": encoder.dim, "device": str(encoder.device)})
+    return dg.MaterializeResult(metadata=meta)
+

@@ -1,0 +1,19 @@
+"""The Dagster code location: `dagster dev` and `dagster asset materialize` load this module
+(`[tool.dagster] module_name` in pyproject.toml)."""
+
+import dagster as dg
+
+from assets.clip import clip_model
+from assets.embeddings import pool_embeddings, positive_embeddings, prompt_embeddings
+from assets.resources import resources_from_env
+from assets.source import pool_images, preference_examples, source_data
+
+all_assets = [source_data, pool_images, preference_examples, clip_model,
+              pool_embeddings, positive_embeddings, prompt_embeddings]
+
+defs = dg.Definitions(
+    assets=all_assets,
+    resources=resources_from_env(),
+    # Shards of one asset run in parallel processes; `max_concurrent` bounds memory on small machines.
+    executor=dg.multiprocess_executor.configured({"max_concurrent": 2}),
+)

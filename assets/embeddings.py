@@ -1,0 +1,74 @@
+"""Per-shard CLIP embeddings of pool images, positive images and prompts, with their asset checks."""
+
+
+from typing import Callable
+
+import dagster as dg
+import polars as pl
+
+from assets.clip import clip_model
+from assets.metadata import markdown_table, table_schema
+from assets.partitions import shard_partitions
+from assets.resources import ClipModel, DataRoot
+from assets.source import pool_images, preference_examples
+from pipeline.checks import check_finite, check_unique_keys, check_unit_norm
+from pipeline.clip_encoder import ClipEncoder, checkpoint_fingerprint
+from pipeline.embed import pool_embedding_table, positive_embedding_table, prompt_embedding_table
+from pipeline.fingerprint import fingerprint, text_id
+from pipeline.parquet_io import is_current, read_metadata, write_parquet_atomic
+from pipeline.paths import shard_file
+
+CHECKS = ("finite", "unit_norm", "one_row_per_input")
+
+
+def _embedding_asset(name: str, folder: str, upstream: dg.AssetsDefinition, upstream_folder: str,
+                     build: Callable[..., pl.DataFrame], expected_keys: Callable[[pl.DataFrame], list[str]],
+                     doc: str) -> dg.AssetsDefinition:
+    """One per-shard embedding asset: reads its upstream shard, embeds, writes, checks."""
+
+    @dg.asset(name=name, group_name="embeddings", partitions_def=shard_partitions, deps=[upstream, clip_model],
+              kinds={"parquet", "pytorch"}, description=doc,
+              check_specs=[dg.AssetCheckSpec(c, asset=name) for c in CHECKS])
+    def _asset(context: dg.AssetExecutionContext, data_root: DataRoot, clip: ClipModel) -> dg.MaterializeResult:
+        root = data_root.root()
+        src = shard_file(root / "ingest" / upstream_folder, context.partition_key)
+        if not src.exists():
+            raise FileNotFoundError(f"{src} is missing: materialise {upstream.key.to_user_string()} for shard "
+                                    f"{context.partition_key} first")
+        out = shard_file(root / "embeddings" / folder, context.partition_key)
+        spec = clip.spec(root)
+        clip_fp = checkpoint_fingerprint(spec)
+        fp = fingerprint(name, read_metadata(src)["fingerprint"], clip_fp)
+        inputs = pl.read_parquet(src)
+        if is_current(out, fp):
+            context.log.info(f"{out} is current (same inputs and CLIP); not re-embedding")
+            table = pl.read_parquet(out)
+        else:
+            encoder = ClipEncoder(spec)
+            table = build(encoder, inputs, batch_size=clip.batch_size, progress=True)
+            write_parquet_atomic(table, out, {"fingerprint": fp, "clip": clip_fp, "dim": encoder.dim})
+        outcomes = {"finite": check_finite(table), "unit_norm": check_unit_norm(table),
+                    "one_row_per_input": check_unique_keys(table, expected_keys(inputs))}
+        return dg.MaterializeResult(
+            metadata={"dagster/row_count": table.height, "path": dg.MetadataValue.path(str(out)),
+                      "embedding_dim": int(table.schema["embedding"].size), "clip_fingerprint": clip_fp,
+                      "preview": markdown_table(table), "dagster/column_schema": table_schema(table)},
+            check_results=[dg.AssetCheckResult(check_name=c, passed=o.passed, description=o.description,
+                                               metadata=o.details) for c, o in outcomes.items()],
+        )
+
+    return _asset
+
+
+pool_embeddings = _embedding_asset(
+    "pool_embeddings", "pool", pool_images, "pool", pool_embedding_table,
+    lambda df: df["image_id"].to_list(),
+    "CLIP image embeddings of the shard's pool images (one row per image, L2-normalised).")
+positive_embeddings = _embedding_asset(
+    "positive_embeddings", "positives", preference_examples, "examples", positive_embedding_table,
+    lambda df: df["image_sha256"].unique().to_list(),
+    "CLIP image embeddings of the shard's positive images (one row per unique image content).")
+prompt_embeddings = _embedding_asset(
+    "prompt_embeddings", "prompts", preference_examples, "examples", prompt_embedding_table,
+    lambda df: [text_id(p) for p in df["prompt"].unique().to_list()],
+    "CLIP text embeddings of the shard's prompts (one row per unique prompt).")

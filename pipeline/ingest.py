@@ -1,0 +1,445 @@
+"""Ingest: a folder of pool images and a preference manifest become validated per-shard tables plus a quarantine.
+
+Rule: bad input becomes a quarantine row with a reason (docs/data.md), never a crash and never a silent drop.
+Every call checks `rows_in == rows_out + rows_quarantined` before it returns. A problem with the input as a
+whole (missing folder or manifest, unreadable format, no rows) raises an exception that names the path.
+
+    from pipeline.ingest import ingest_pool, ingest_examples, write_result
+    res = ingest_examples("prefs.jsonl", image_root="images/", mapping="rlaif_v", shard=0, num_shards=4)
+    write_result(res, source="examples", shard=0)
+    print(res.summary())
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import polars as pl
+from tqdm.auto import tqdm
+
+from pipeline.column_mapping import MISSING, ColumnMapping, FieldError, derive_id, lookup, strip_llava_prompt
+from pipeline.image_checks import IMAGE_EXTENSIONS, ImageInfo, ImageProblem, check_image
+from pipeline.ingest_manifest import Manifest, extra_columns_frame, read_manifest
+from pipeline.ingest_schema import (
+    EXAMPLE_SCHEMA,
+    POOL_SCHEMA,
+    IngestLimits,
+    IngestResult,
+    Quarantined,
+    quarantine_frame,
+    raw_json,
+)
+from pipeline.parquet_io import write_parquet_atomic
+from pipeline.paths import data_root, shard_file
+from pipeline.sharding import shard_of
+
+__all__ = [
+    "ColumnMapping",
+    "IngestLimits",
+    "IngestResult",
+    "ingest_examples",
+    "ingest_pool",
+    "log_summary",
+    "write_result",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _check_shard(shard: int, num_shards: int) -> tuple[int, int]:
+    shard, num_shards = int(shard), int(num_shards)
+    if num_shards < 1:
+        raise ValueError(f"num_shards={num_shards}: must be at least 1")
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard={shard} is outside 0..{num_shards - 1}")
+    return shard, num_shards
+
+
+def _unreadable_key(text: str) -> str:
+    """A printable, UTF-8-safe stand-in for a name holding undecodable bytes (Python keeps them as surrogates)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _contained(path: Path, root: Path) -> bool:
+    return path == root or path.is_relative_to(root)
+
+
+# ----------------------------------------------------------------------------------------------------------- pool
+
+
+def list_pool(pool_dir: Path) -> tuple[list[str], list[str]]:
+    """Image files under `pool_dir` (relative posix paths, sorted) and notes about what the walk could not enter.
+
+    Symlinked folders are not followed (cycles, and a pool should not reach outside itself); symlinked files are
+    listed and checked like any other file.
+    """
+    notes: list[str] = []
+
+    def onerror(exc: OSError) -> None:
+        notes.append(f"could not list {exc.filename} ({exc.strerror}); its images are not in the pool")
+
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(pool_dir, onerror=onerror, followlinks=False):
+        for d in dirnames:
+            if os.path.islink(os.path.join(dirpath, d)):
+                rel = Path(dirpath, d).relative_to(pool_dir).as_posix()
+                notes.append(f"symlinked folder {rel!r} was not followed; copy or move its images into the pool")
+        for name in filenames:
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(Path(dirpath, name).relative_to(pool_dir).as_posix())
+    found.sort()
+    return found, notes
+
+
+def ingest_pool(
+    pool_dir: str | os.PathLike,
+    *,
+    shard: int,
+    num_shards: int,
+    limits: IngestLimits = IngestLimits(),
+    progress: bool = True,
+) -> IngestResult:
+    """Validate the pool images of one shard.
+
+    Lists png/jpg/jpeg/webp/bmp/gif/tif/tiff files (any case) under `pool_dir`, sorts them by relative path
+    (`image_id`; `row_index` is the position in that listing), keeps those with
+    `shard_of(image_id, num_shards) == shard` and checks each one (`pipeline.image_checks`).
+    """
+    shard, num_shards = _check_shard(shard, num_shards)
+    given = Path(pool_dir).expanduser()
+    if not given.exists():
+        raise FileNotFoundError(f"pool folder {given} does not exist; point it at a folder of images")
+    if not given.is_dir():
+        raise ValueError(f"pool folder {given} is not a folder; point it at a folder of images")
+    root = given.resolve()
+    listing, notes = list_pool(root)
+    if not listing:
+        raise ValueError(
+            f"pool folder {given} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+            "put the candidate-negative images there"
+        )
+    for note in notes:
+        log.warning("pool %s: %s", given, note)
+
+    rows: list[dict[str, Any]] = []
+    bad: list[Quarantined] = []
+    mine = [(i, rel) for i, rel in enumerate(listing) if shard_of(_unreadable_key(rel), num_shards) == shard]
+    for row_index, rel in tqdm(mine, desc=f"pool shard {shard:03d}", disable=not progress, unit="img"):
+        full = root / rel
+        if not _is_utf8(rel):
+            key = _unreadable_key(rel)
+            detail = f"file name {key!r} is not valid UTF-8; rename the file"
+            bad.append(Quarantined(row_index, key, "invalid_text", detail, raw_json({"image_id": key})))
+            continue
+        raw = raw_json({"image_id": rel, "path": str(full)})
+        target = _resolve_inside(full, root, rel)
+        if isinstance(target, ImageProblem):
+            bad.append(Quarantined(row_index, rel, target.reason, target.detail, raw))
+            continue
+        info = check_image(target, limits)
+        if isinstance(info, ImageProblem):
+            bad.append(Quarantined(row_index, rel, info.reason, info.detail, raw))
+            continue
+        rows.append(
+            {
+                "image_id": rel,
+                "path": str(full),
+                "sha256": info.sha256,
+                "width": info.width,
+                "height": info.height,
+                "shard": shard,
+            }
+        )
+    result = IngestResult(
+        rows=pl.DataFrame(rows, schema=POOL_SCHEMA),
+        quarantine=quarantine_frame(bad, "pool"),
+        rows_in=len(mine),
+        notes=tuple(notes),
+    )
+    return result.check()
+
+
+def _resolve_inside(path: Path, root: Path, shown: str) -> Path | ImageProblem:
+    """`path` with symlinks and `..` resolved, or `path_outside_root` when the result leaves `root`."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as exc:  # symlink loop (RuntimeError before Python 3.13)
+        return ImageProblem("missing_file", f"{shown} cannot be resolved ({exc}); fix the symlink")
+    if not _contained(resolved, root):
+        return ImageProblem(
+            "path_outside_root",
+            f"{shown} resolves to {resolved}, outside the image root {root}; move the image under the root "
+            "(ingest never reads files outside it)",
+        )
+    return resolved
+
+
+# ------------------------------------------------------------------------------------------------------- examples
+
+
+def _id_text(value: Any) -> str | None:
+    """An id as text: strings and integers are ids (RLHF-V's `idx` is int64); anything else is not."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _source_has(manifest: Manifest, path: str) -> bool:
+    return path in manifest.columns or path.split(".")[0] in manifest.columns
+
+
+class _Candidate(NamedTuple):
+    """A row that parsed and has an id; the remaining checks run only for rows of the requested shard."""
+
+    row_index: int
+    where: str
+    example_id: str
+    fields: dict[str, Any]
+    data: dict[str, Any]
+
+
+def ingest_examples(
+    manifest: str | os.PathLike,
+    *,
+    image_root: str | os.PathLike | None = None,
+    mapping: str | Mapping[str, Any] | ColumnMapping = "canonical",
+    shard: int,
+    num_shards: int,
+    limits: IngestLimits = IngestLimits(),
+    progress: bool = True,
+) -> IngestResult:
+    """Validate the preference examples of one shard.
+
+    `manifest`: JSON Lines (`.jsonl`, `.ndjson`, `.json`), a top-level JSON array (`.json`) or Parquet.
+    `image_root`: the folder image paths are relative to (default: the manifest's folder); no image outside it
+    is read. `mapping`: a `ColumnMapping`, a preset name, or a dict / JSON text (`ColumnMapping.resolve`).
+    Duplicate ids are found over the whole manifest (the first row in file order wins), then rows are sharded by
+    `example_id`; rows without a readable id are sharded by `#row=<row_index>`.
+    """
+    shard, num_shards = _check_shard(shard, num_shards)
+    cmap = ColumnMapping.resolve(mapping)
+    manifest_path = Path(manifest).expanduser()
+    root_given = Path(image_root).expanduser() if image_root is not None else manifest_path.parent
+    if not root_given.is_dir():
+        raise FileNotFoundError(f"image root {root_given} is not an existing folder; pass image_root=")
+    root = root_given.resolve()
+    m = read_manifest(manifest_path, needed=cmap.top_level_columns())
+    notes = list(m.notes)
+
+    derive = cmap.id is None or not _source_has(m, cmap.id)
+    if derive:
+        why = "the mapping has no id column" if cmap.id is None else f"column {cmap.id!r} is absent from the manifest"
+        notes.append(f"{why}: example ids are derived from content (sha1 of image, prompt, chosen, rejected; 16 hex)")
+    mapped = [f for f in ("prompt", "chosen", "rejected", "image") if getattr(cmap, f) is not None]
+    if any(r.data is not None for r in m.rows):  # when no row parses, each is quarantined instead
+        absent = [getattr(cmap, f) for f in ("prompt", "chosen", "image") if not _source_has(m, getattr(cmap, f))]
+        if absent:
+            raise ValueError(
+                f"manifest {manifest_path}: mapped column(s) {absent} are absent from every row (its columns: "
+                f"{m.columns[:20]}); pick the right preset or pass mapping={{'prompt': ..., 'chosen': ..., 'image': ...}}"
+            )
+        if cmap.rejected is not None and not _source_has(m, cmap.rejected):
+            notes.append(f"column {cmap.rejected!r} is absent: no example has a rejected response")
+    for note in notes:
+        log.info("examples %s: %s", manifest_path.name, note)
+
+    # Pass 1, whole manifest: parse, read the mapped fields, find ids and duplicates.
+    bad_all: list[tuple[str, Quarantined]] = []  # (shard key, row)
+    candidates: list[_Candidate] = []
+    first_seen: dict[str, tuple[int, str]] = {}
+    for r in m.rows:
+        row_key = f"#row={r.row_index}"
+        if r.data is None:
+            reason, detail = r.problem
+            bad_all.append((row_key, Quarantined(r.row_index, None, reason, detail, raw_json(r.raw or ""))))
+            continue
+        fields: dict[str, Any] = {}
+        try:
+            for f in ("id", *mapped):
+                path = getattr(cmap, f)
+                if path is not None and not (f == "id" and derive):
+                    fields[f] = lookup(r.data, path)
+        except FieldError as exc:
+            detail = f"{r.where}: {exc}; fix the column or the column mapping"
+            bad_all.append((row_key, Quarantined(r.row_index, None, "malformed_row", detail, raw_json(r.data))))
+            continue
+        if derive:
+            content = [fields.get(f, MISSING) for f in ("image", "prompt", "chosen", "rejected")]
+            example_id = derive_id(*(None if v is MISSING else v for v in content))
+        else:
+            value = fields["id"]
+            example_id = _id_text(value) if value is not MISSING else None
+            if value is MISSING or value is None or (example_id is not None and not example_id.strip()):
+                detail = f"{r.where} has no id in column {cmap.id!r}; give every row a unique id"
+                bad_all.append((row_key, Quarantined(r.row_index, None, "missing_field", detail, raw_json(r.data))))
+                continue
+            if example_id is None:
+                detail = (
+                    f"{r.where}: id {value!r} in column {cmap.id!r} has type {type(value).__name__}; "
+                    "use a string or an integer"
+                )
+                bad_all.append((row_key, Quarantined(r.row_index, None, "malformed_row", detail, raw_json(r.data))))
+                continue
+        if example_id in first_seen:
+            first, first_where = first_seen[example_id]
+            detail = (
+                f"{r.where}: id {example_id!r} already used by row {first} ({first_where}), which is kept; "
+                "give this row its own id or delete it"
+            )
+            bad_all.append((example_id, Quarantined(r.row_index, example_id, "duplicate_id", detail, raw_json(r.data))))
+            continue
+        first_seen[example_id] = (r.row_index, r.where)
+        candidates.append(_Candidate(r.row_index, r.where, example_id, fields, r.data))
+
+    # Pass 2, this shard only: text checks, path checks, image checks (each distinct image once).
+    bad = [q for key, q in bad_all if shard_of(key, num_shards) == shard]
+    mine = [c for c in candidates if shard_of(c.example_id, num_shards) == shard]
+    rows_in = len(bad) + len(mine)
+    checked: dict[str, ImageInfo | ImageProblem] = {}
+    kept: list[tuple[_Candidate, dict[str, Any]]] = []
+    for c in tqdm(mine, desc=f"examples shard {shard:03d}", disable=not progress, unit="row"):
+        out = _check_example(c, cmap, limits, root, checked)
+        if isinstance(out, Quarantined):
+            bad.append(out)
+        else:
+            kept.append((c, out))
+
+    rows = pl.DataFrame([{**row, "shard": shard} for _, row in kept], schema=EXAMPLE_SCHEMA)
+    extras = [c for c in m.columns if c not in cmap.top_level_columns()]
+    if extras:
+        frame = extra_columns_frame(m, extras, [c.row_index for c, _ in kept])
+        renames = {}
+        for name in extras:
+            new = name
+            while new in EXAMPLE_SCHEMA or (new != name and new in extras):
+                new = f"src_{new}"
+            if new != name:
+                renames[name] = new
+        if renames:
+            notes.append(f"extra column(s) renamed to avoid clashing with ingest's own columns: {renames}")
+            frame = frame.rename(renames)
+        rows = rows.hstack(frame)
+    result = IngestResult(
+        rows=rows,
+        quarantine=quarantine_frame(bad, "examples"),
+        rows_in=rows_in,
+        notes=tuple(notes),
+    )
+    return result.check()
+
+
+def _check_example(
+    c: _Candidate,
+    cmap: ColumnMapping,
+    limits: IngestLimits,
+    root: Path,
+    checked: dict[str, ImageInfo | ImageProblem],
+) -> Quarantined | dict[str, Any]:
+    """The output row of candidate `c`, or the first problem found, in the order of docs/ingest.md."""
+
+    def q(reason: str, detail: str) -> Quarantined:
+        return Quarantined(c.row_index, c.example_id, reason, f"{c.where}: {detail}", raw_json(c.data))
+
+    values: dict[str, Any] = {}
+    for f in ("prompt", "chosen", "image"):
+        value = c.fields.get(f, MISSING)
+        if value is MISSING or value is None:
+            return q("missing_field", f"no {f} (column {getattr(cmap, f)!r}); fill it in or fix the column mapping")
+        values[f] = value
+    rejected = c.fields.get("rejected", MISSING)
+    values["rejected"] = None if rejected is MISSING else rejected
+    for f in ("prompt", "chosen", "rejected", "image"):
+        if values[f] is not None and not isinstance(values[f], str):
+            kind = type(values[f]).__name__
+            return q("malformed_row", f"{f} has type {kind}, expected a string (column {getattr(cmap, f)!r})")
+
+    prompt = strip_llava_prompt(values["prompt"]) if cmap.prompt_format == "llava" else values["prompt"]
+    if not prompt.strip():
+        return q("empty_prompt", "the prompt is empty or blank; write the instruction or drop the row")
+    if not values["chosen"].strip():
+        return q("empty_response", "the chosen response is empty or blank; fill it in or drop the row")
+    if values["rejected"] is not None and not values["rejected"].strip():
+        return q("empty_response", "the rejected response is an empty string; fill it in, or use null if there is none")
+    for f, text in (("prompt", prompt), ("chosen", values["chosen"]), ("rejected", values["rejected"])):
+        if text is not None and len(text) > limits.max_text_chars:
+            return q(
+                "text_too_long",
+                f"{f} has {len(text):,} characters > max_text_chars={limits.max_text_chars:,}; "
+                "shorten it or raise IngestLimits.max_text_chars",
+            )
+
+    image_id = values["image"]
+    if not image_id.strip():
+        return q("missing_field", f"the image path is empty (column {cmap.image!r}); give a path under the image root")
+    if "://" in image_id:
+        return q("missing_file", f"image {image_id!r} is a URL; download the images, give paths under the image root")
+    if "\x00" in image_id:
+        return q("missing_file", f"image path {image_id!r} contains a NUL byte; fix the path")
+    given = Path(image_id)
+    target = _resolve_inside(given if given.is_absolute() else root / given, root, f"image {image_id!r}")
+    if isinstance(target, ImageProblem):
+        return q(target.reason, target.detail)
+    key = str(target)
+    if key not in checked:
+        checked[key] = check_image(target, limits)
+    info = checked[key]
+    if isinstance(info, ImageProblem):
+        return q(info.reason, info.detail)
+    return {
+        "example_id": c.example_id,
+        "prompt": prompt,
+        "chosen": values["chosen"],
+        "rejected": values["rejected"],
+        "image_id": image_id,
+        "image_path": key,
+        "image_sha256": info.sha256,
+        "width": info.width,
+        "height": info.height,
+        "shard": None,  # set by the caller
+        "row_index": c.row_index,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------- write
+
+
+def write_result(
+    result: IngestResult,
+    *,
+    source: str,
+    shard: int,
+    root: str | os.PathLike | None = None,
+    metadata: Mapping[str, object] | None = None,
+) -> tuple[Path, Path]:
+    """Write a result to `ingest/<source>/shard=NNN.parquet` and `ingest/quarantine/<source>-shard=NNN.parquet`
+    under the data root (atomic writes); the run's counts and notes go into the files' metadata."""
+    if source not in ("pool", "examples"):
+        raise ValueError(f"source={source!r}: use 'pool' or 'examples'")
+    key = f"{int(shard):03d}"
+    folder = data_root(root) / "ingest"
+    meta = {"ingest": {**result.summary(), "notes": list(result.notes)}, **(metadata or {})}
+    rows_path = write_parquet_atomic(result.rows, shard_file(folder / source, key), meta)
+    quarantine_path = write_parquet_atomic(
+        result.quarantine, shard_file(folder / "quarantine", key, prefix=f"{source}-shard="), meta
+    )
+    return rows_path, quarantine_path
+
+
+def log_summary(result: IngestResult, label: str) -> str:
+    """One line for logs: `label: N in = M out + Q quarantined (reason: n, ...)`."""
+    s = result.summary()
+    reasons = ", ".join(f"{k}: {v}" for k, v in s["by_reason"].items()) or "none"
+    return f"{label}: {s['rows_in']} in = {s['rows_out']} out + {s['rows_quarantined']} quarantined ({reasons})"
