@@ -9,15 +9,16 @@ DAGSTER_HOME := $(CURDIR)/.dagster_home
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 3000
 SHARDS ?= $(or $(MISP_SHARDS),4)
-SHARD_KEYS := $(shell seq -f '%03g' 0 $$(($(SHARDS) - 1)))
 
 # Nothing may reach a model hub at run time: a miss fails at once instead of hanging.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# Processes sharing cores must not busy-wait in OpenMP (see assets/__init__.py).
+export OMP_WAIT_POLICY ?= PASSIVE
 export DAGSTER_HOME
 export MISP_SHARDS := $(SHARDS)
 
-.PHONY: help venv test ui validate world embed bench clean-data clean-venv
+.PHONY: help venv test ui validate world embed mine bench clean-data clean-venv
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -47,18 +48,17 @@ world: $(STAMP)  ## Generate the scene world (MISP_WORLD_PRESET, default 'defaul
 	$(PY) -m world --preset $(or $(MISP_WORLD_PRESET),default) --seed $(or $(MISP_WORLD_SEED),0) \
 		--out $(or $(MISP_DATA_ROOT),data)/world/$(or $(MISP_WORLD_PRESET),default)-seed$(or $(MISP_WORLD_SEED),0)
 
-embed: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## Source -> CLIP -> per-shard ingest and embeddings, from the CLI
-	$(VENV)/bin/dagster asset materialize -m assets.definitions --select source_data,clip_model
-	@for shard in $(SHARD_KEYS); do \
-		echo "== shard $$shard"; \
-		$(VENV)/bin/dagster asset materialize -m assets.definitions --partition $$shard \
-			--select pool_images,preference_examples,pool_embeddings,positive_embeddings,prompt_embeddings \
-			|| exit 1; \
-	done
-	$(PY) -m pipeline.summary
+embed: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## Source -> CLIP -> per-shard ingest and embeddings
+	$(PY) -m assets.run_pipeline --until embeddings
+
+mine: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## The whole mining chain -> preference shards under <data root>/shards
+	$(PY) -m assets.run_pipeline --until shards
 
 bench: $(STAMP)  ## Run the benchmarks serially (tables printed, JSON under reports/bench/)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) bench/embed.py
+	$(PY) bench/sae_score.py
+	$(PY) bench/mine.py
 
 clean-data:  ## Delete the data root and the Dagster instance (asks first)
 	@read -p "delete $(or $(MISP_DATA_ROOT),data) and $(DAGSTER_HOME)? [y/N] " ok && [ "$$ok" = y ] && \

@@ -18,7 +18,7 @@ from pipeline.parquet_io import write_json_atomic
 CLIP_PRESETS = {
     "tiny": WorldClipConfig(steps=30, batch_size=32, warmup_steps=5, eval_size=64),
     "default": WorldClipConfig(),
-    "large": WorldClipConfig(steps=3000, batch_size=256),
+    "large": WorldClipConfig(steps=1500, batch_size=256, warmup_steps=100),
 }
 
 

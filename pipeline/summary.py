@@ -25,6 +25,11 @@ def summarise(root) -> pl.DataFrame:
         for f in sorted((root / "embeddings" / stage).glob("shard=*.parquet")):
             rows.append({"table": f"embeddings/{stage}", "shard": f.stem.split("=")[1], "rows_in": None,
                          "rows_out": pl.scan_parquet(f).select(pl.len()).collect().item(), "quarantined": None})
+    for f in sorted((root / "shards").glob("shard=*.parquet")):
+        lf = pl.scan_parquet(f)
+        rows.append({"table": "shards", "shard": f.stem.split("=")[1], "rows_in": None,
+                     "rows_out": lf.select(pl.len()).collect().item(),
+                     "quarantined": None})
     return pl.DataFrame(rows, schema={"table": pl.String, "shard": pl.String, "rows_in": pl.Int64,
                                       "rows_out": pl.Int64, "quarantined": pl.Int64})
 
@@ -40,9 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     with pl.Config(tbl_rows=100, tbl_hide_dataframe_shape=True):
         print(table)
-        print(table.group_by("table", maintain_order=True).agg(pl.col("rows_in", "rows_out", "quarantined").sum()))
-    print(f"data root: {root}\n  ingest:     {root / 'ingest'}\n  embeddings: {root / 'embeddings'}\n"
-          f"open one in Polars: pl.read_parquet('{root}/embeddings/pool/shard=000.parquet')")
+        # A column that no row of a table fills (embeddings have no rows_in) stays empty, not 0.
+        print(table.group_by("table", maintain_order=True).agg(
+            pl.when(pl.col(c).is_null().all()).then(None).otherwise(pl.col(c).sum()).alias(c)
+            for c in ("rows_in", "rows_out", "quarantined")))
+    print(f"data root: {root}\n  ingest:     {root / 'ingest'} (quarantine/ holds every rejected row and why)\n"
+          f"  embeddings: {root / 'embeddings'}")
+    if (root / "shards").exists():
+        print(f"  shards:     {root / 'shards'} (manifest.json, contact_sheet-shard=*.png)\n"
+              f"open them in Polars: pl.read_parquet('{root}/shards/*.parquet')")
     return 0
 
 

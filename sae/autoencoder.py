@@ -177,8 +177,8 @@ class SparseAutoencoder(nn.Module):
         """uP, uQ (n, k), u.(b t), ||t||^2 (n,) for validated pairs, projecting each distinct prompt once."""
         prompts, inverse = group_prompts(t)
         pt = prompt_terms(self.W_enc, self.W_dec, self.b_dec, prompts)
-        uP = torch.einsum("bv,bvk->bk", u, pt.P[inverse])
-        uQ = torch.einsum("bv,bvk->bk", u, pt.Q[inverse])
+        uP = torch.einsum("bv,bkv->bk", u, pt.P[inverse])
+        uQ = torch.einsum("bv,bkv->bk", u, pt.Q[inverse])
         return uP, uQ, (u * pt.bt[inverse]).sum(-1), pt.tt[inverse]
 
     def encode(self, u, t=None) -> EncoderOutput:
@@ -186,7 +186,7 @@ class SparseAutoencoder(nn.Module):
         u, t = self.prepare(u, t)
         prompts, inverse = group_prompts(t)
         P = project(self.W_enc, prompts)
-        uP = torch.einsum("bv,bvk->bk", u, P[inverse])
+        uP = torch.einsum("bv,bkv->bk", u, P[inverse])
         enc_bias = self.W_enc.flatten(1) @ self.b_dec.reshape(-1)
         pre = pre_activations(uP, self.cfg.input_scale, enc_bias, self.b_enc)
         return EncoderOutput(self.activation(pre), pre)
@@ -365,10 +365,10 @@ class Scorer:
                 raise ValueError(f"u_c has shape {tuple(u_c.shape)} and t {tuple(t.shape)}: one prompt per group")
         pt = prompt_terms(sae.W_enc, sae.W_dec, sae.b_dec, t)
         s = cfg.input_scale
-        pre = pre_activations(torch.bmm(u, pt.P), s, self.terms.enc_bias, sae.b_enc)
+        pre = pre_activations(torch.bmm(u, pt.P.transpose(1, 2)), s, self.terms.enc_bias, sae.b_enc)
         z = sae.activation(pre)
         ubt = (u * pt.bt[:, None, :]).sum(-1)
-        err = squared_error(u, z, torch.bmm(u, pt.Q), ubt, pt.tt[:, None], s, self.terms)
+        err = squared_error(u, z, torch.bmm(u, pt.Q.transpose(1, 2)), ubt, pt.tt[:, None], s, self.terms)
         err = err.clamp_min(0)  # a float32 difference of O(||d||^2) terms can dip a hair below 0
         if single:
             return ScoreOutput(err[0], z[0])

@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see assets/__init__.py
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -20,3 +21,27 @@ def tiny_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world") / "tiny-seed0"
     generate_world(PRESETS["tiny"], out, progress=False)
     return out
+
+
+def tiny_resources(root):
+    from assets.resources import ClipModel, DataRoot, DataSource
+
+    return {"data_root": DataRoot(path=str(root)), "source": DataSource(kind="world", world_preset="tiny"),
+            "clip": ClipModel(device="cpu")}
+
+
+@pytest.fixture(scope="session")
+def mined(tmp_path_factory):
+    """The whole chain (world -> CLIP -> ingest -> embeddings -> index -> candidates -> SAE -> shards ->
+    manifest) materialised once on the tiny world, on a real ephemeral Dagster instance.
+    Returns (data root, instance, resources, [(label, result)])."""
+    import dagster as dg
+
+    from assets.run_pipeline import run_stages
+
+    root = tmp_path_factory.mktemp("data")
+    instance = dg.DagsterInstance.ephemeral()
+    resources = tiny_resources(root)
+    results = run_stages("shards", instance=instance, resources=resources)
+    assert all(r.success for _, r in results), [label for label, r in results if not r.success]
+    return root, instance, resources, results

@@ -155,33 +155,53 @@ def _check_describe(scene: Scene, row: dict) -> None:
 
 def test_every_chosen_is_true_and_every_rejected_is_false_in_the_labelled_way(worlds):
     scenes = read_scenes(worlds["a"])
-    rows = _rows(worlds["a"])
-    for row in rows:
-        scene = scenes[row["scene_id"]]
-        assert judge(scene, row["prompt"], row["chosen"]).true, row
-        verdict = judge(scene, row["prompt"], row["rejected"])
-        assert not verdict.true and verdict.error_type == row["error_type"], (row, verdict)
-        kind = row["prompt_kind"]
-        if kind == "describe":
-            _check_describe(scene, row)
-        elif kind == "count":
-            assert g.parse_count(row["chosen"]) == len(scene.objects)
-            assert abs(g.parse_count(row["rejected"]) - len(scene.objects)) == 1
-        elif kind == "yesno":
-            q = g.parse_prompt(row["prompt"])
-            present = bool(scene.find(q.subject))
-            assert g.parse_yesno(row["chosen"]).yes is present
-            assert g.parse_yesno(row["rejected"]).yes is (not present)
-        else:
-            q = g.parse_prompt(row["prompt"])
-            (i,) = scene.find(q.subject)  # the question names exactly one object
-            assert g.parse_attribute_answer(row["chosen"]).value == getattr(scene.objects[i], q.attribute)
-            wrong = g.parse_attribute_answer(row["rejected"]).value
-            assert wrong != getattr(scene.objects[i], q.attribute)
-            if row["error_type"] == "binding":
-                assert wrong in {o.colour for j, o in enumerate(scene.objects) if j != i}
-            if row["error_type"] == "position":
-                assert wrong in scene.free_cells()
+    for row in _rows(worlds["a"]):
+        _check_example(scenes[row["scene_id"]], row)
+
+
+@pytest.mark.parametrize("cfg", [
+    preset("tiny"),
+    preset("tiny", shapes=vocab.SHAPES, colours=tuple(vocab.COLOURS), min_objects=3, max_objects=9),
+    preset("tiny", shapes=("circle", "square"), colours=("red", "blue"), max_objects=2, always_describe=False,
+           prompts_per_scene=4),
+])
+def test_ground_truth_holds_for_many_scenes_and_configs(cfg):
+    n = 0
+    for i in range(300):
+        built = build_scene(cfg, "test", i)
+        for ex in built.examples:
+            _check_example(built.scene, ex._asdict())
+            n += 1
+    assert n >= 300 * min(cfg.prompts_per_scene, 2)
+
+
+def _check_example(scene: Scene, row: dict) -> None:
+    """The chosen answer is true; the rejected one is false, and (checked here without world.truth where
+    the kind allows) in exactly the labelled way."""
+    assert judge(scene, row["prompt"], row["chosen"]).true, row
+    verdict = judge(scene, row["prompt"], row["rejected"])
+    assert not verdict.true and verdict.error_type == row["error_type"], (row, verdict)
+    kind = row["prompt_kind"]
+    if kind == "describe":
+        _check_describe(scene, row)
+    elif kind == "count":
+        assert g.parse_count(row["chosen"]) == len(scene.objects)
+        assert abs(g.parse_count(row["rejected"]) - len(scene.objects)) == 1
+    elif kind == "yesno":
+        q = g.parse_prompt(row["prompt"])
+        present = bool(scene.find(q.subject))
+        assert g.parse_yesno(row["chosen"]).yes is present
+        assert g.parse_yesno(row["rejected"]).yes is (not present)
+    else:
+        q = g.parse_prompt(row["prompt"])
+        (i,) = scene.find(q.subject)  # the question names exactly one object
+        assert g.parse_attribute_answer(row["chosen"]).value == getattr(scene.objects[i], q.attribute)
+        wrong = g.parse_attribute_answer(row["rejected"]).value
+        assert wrong != getattr(scene.objects[i], q.attribute)
+        if row["error_type"] == "binding":
+            assert wrong in {o.colour for j, o in enumerate(scene.objects) if j != i}
+        if row["error_type"] == "position":
+            assert wrong in scene.free_cells()
 
 
 def test_error_types_and_prompt_kinds_are_balanced():
@@ -263,8 +283,10 @@ def test_regeneration_is_a_noop_and_other_configs_need_overwrite(tmp_path):
     smaller = preset("tiny", n_pool=50)
     with pytest.raises(ValueError, match="overwrite"):
         generate_world(smaller, root, progress=False)
+    (root / "images/pool/mine.png").write_bytes(b"a user's file")
     s = generate_world(smaller, root, overwrite=True, progress=False)
-    assert s.generated and len(list((root / "images/pool").glob("*.png"))) == 50  # stale images removed
+    assert s.generated and len(list((root / "images/pool").glob("p*.png"))) == 50  # stale images removed
+    assert (root / "images/pool/mine.png").exists()  # and nothing else
     (root / "images/pool/p0000003.png").unlink()  # a damaged world is regenerated, not trusted
     assert generate_world(smaller, root, progress=False).generated
 
@@ -306,3 +328,17 @@ def test_cooccurrence_prior_makes_the_partner_follow_the_trigger():
     # Turning the prior off leaves every scene exactly as before (its draws come last).
     off_scene = sample_scene(TINY, np.random.default_rng([0, 0, 5]), "pool")
     assert sample_scene(on, np.random.default_rng([0, 0, 5]), "test") == off_scene
+
+
+def test_bytes_do_not_depend_on_the_process(tmp_path, worlds):
+    """String hashing differs between processes; nothing written may depend on set or dict-of-str order."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "sub"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    subprocess.run([sys.executable, "-m", "world", "--preset", "tiny", "--out", str(out), "--quiet"],
+                   check=True, env=env, capture_output=True, cwd=Path(__file__).resolve().parents[1])
+    for f in _files(worlds["a"]):
+        assert (out / f).read_bytes() == (worlds["a"] / f).read_bytes(), f

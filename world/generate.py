@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
+import re
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -16,6 +16,7 @@ import polars as pl
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline import SCHEMA_VERSION
 from pipeline.parquet_io import write_json_atomic, write_parquet_atomic
 from world import grammar
 from world.config import SPLITS, WORLD_VERSION, WorldConfig
@@ -95,22 +96,32 @@ def read_world_json(root: Path) -> dict[str, Any] | None:
         return None
 
 
+def _same_world(cfg: WorldConfig, info: dict[str, Any] | None) -> bool:
+    return info is not None and info.get("world_version") == WORLD_VERSION and info.get("config") == cfg.to_dict()
+
+
 def _is_complete(root: Path, cfg: WorldConfig, info: dict[str, Any] | None) -> bool:
-    if info is None or info.get("world_version") != WORLD_VERSION or info.get("config") != cfg.to_dict():
+    if not _same_world(cfg, info):
         return False
     files = ("scenes.parquet", "preferences.parquet", "preferences_test.parquet")
     if not all((root / f).exists() for f in files):
         return False
-    return all(_count_pngs(root / "images" / s) == info["counts"][s] for s in SPLITS)
+    return all(len(_own_images(root / "images" / s, s)) == info["counts"][s] for s in SPLITS)
 
 
-def _count_pngs(folder: Path) -> int:
-    return sum(1 for e in os.scandir(folder) if e.name.endswith(".png")) if folder.is_dir() else 0
+def _own_images(folder: Path, split: str) -> list[Path]:
+    """The PNGs (and leftover temp files) a world writes into `folder`, by their exact name pattern."""
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(rf"^\.?{PREFIX[split]}\d{{7}}\.png(\.tmp)?$")
+    return [Path(e.path) for e in os.scandir(folder) if pattern.match(e.name)]
 
 
 def _clear(root: Path) -> None:
-    """Remove what a previous world wrote here (and only that: the folder may hold a user's other files)."""
-    shutil.rmtree(root / "images", ignore_errors=True)
+    """Remove what a previous world wrote here, and only that: `out_dir` may hold a user's other files."""
+    for split in SPLITS:
+        for path in _own_images(root / "images" / split, split):
+            path.unlink()
     for name in ("world.json", "scenes.parquet", "preferences.parquet", "preferences_test.parquet"):
         (root / name).unlink(missing_ok=True)
 
@@ -123,9 +134,7 @@ def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, overwrite: b
     info = read_world_json(root)
     if not overwrite and _is_complete(root, cfg, info):
         return _summary(root, info["counts"], generated=False)
-    same_world = info is not None and info.get("world_version") == WORLD_VERSION \
-        and info.get("config") == cfg.to_dict()
-    if info is not None and not same_world and not overwrite:
+    if info is not None and not _same_world(cfg, info) and not overwrite:
         raise ValueError(
             f"{root} holds a world generated from another config or generator version; "
             "pass overwrite=True (CLI: --overwrite) to replace it, or choose another folder"
@@ -148,7 +157,7 @@ def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, overwrite: b
                          root / "preferences_test.parquet", meta)
     counts = {**n_per_split, "preferences": len(pref_rows["train"]),
               "preferences_test": len(pref_rows["test"]), "files": cfg.n_scenes + 3}
-    write_json_atomic({"config": cfg.to_dict(), "world_version": WORLD_VERSION, "schema_version": 1,
+    write_json_atomic({"config": cfg.to_dict(), "world_version": WORLD_VERSION, "schema_version": SCHEMA_VERSION,
                        "library_version": library_version(), "counts": counts}, root / "world.json")
     return _summary(root, counts, generated=True)
 

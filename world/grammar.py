@@ -20,7 +20,9 @@ from world.scene import ObjectSpec, Scene
 
 DESCRIBE_PROMPT = "Describe the image."
 COUNT_PROMPT = "How many objects are there?"
-ATTRIBUTE_QUESTION = {"colour": "What colour is the {}?", "size": "What size is the {}?", "position": "Where is the {}?"}
+ATTRIBUTE_QUESTION = {
+    "colour": "What colour is the {}?", "size": "What size is the {}?", "position": "Where is the {}?",
+}
 
 _ARTICLES = {"a", "an", "the", "one"}
 _SEPARATORS = {",", "and", ".", ";"}

@@ -1,0 +1,70 @@
+"""`python -m assets.run_pipeline`: materialise the whole chain on the configured instance, shard by shard.
+
+What `make embed` and `make mine` run. Each stage is an ordinary Dagster run on the instance in $DAGSTER_HOME,
+so every run, its logs, metadata and asset checks are in the UI (`make ui`). Work whose inputs have not changed
+is skipped inside each asset (fingerprints in the Parquet metadata), so rerunning after an interruption resumes
+where it stopped. For shards in parallel, launch a backfill of the partitioned assets from the UI instead.
+"""
+
+import argparse
+import sys
+import time
+
+import dagster as dg
+
+from assets.definitions import all_assets
+from assets.resources import resources_from_env
+from pipeline.sharding import shard_keys
+from pipeline.summary import main as print_summary
+
+EMBED_STAGES: list[tuple[list[str], bool]] = [
+    (["source_data", "clip_model"], False),
+    (["pool_images", "preference_examples", "pool_embeddings", "positive_embeddings", "prompt_embeddings"], True),
+]
+MINE_STAGES: list[tuple[list[str], bool]] = [
+    (["pool_index"], False),
+    (["candidates"], True),
+    (["sae"], False),
+    (["preference_shards"], True),
+    (["shards_manifest"], False),
+]
+UNTIL = {"embeddings": EMBED_STAGES, "shards": EMBED_STAGES + MINE_STAGES}
+
+
+def run_stages(until: str = "shards", instance: dg.DagsterInstance | None = None,
+               resources: dict | None = None) -> list[tuple[str, dg.ExecuteInProcessResult]]:
+    """Materialise stage after stage; stops at the first failed run. Returns (label, result) per run."""
+    instance = instance or dg.DagsterInstance.get()
+    resources = resources or resources_from_env()
+    steps = [(sel, key) for sel, partitioned in UNTIL[until] for key in (shard_keys() if partitioned else [None])]
+    done = []
+    for i, (selection, key) in enumerate(steps, 1):
+        label = ", ".join(selection) + (f" [shard {key}]" if key else "")
+        print(f"\n=== [{i}/{len(steps)}] {label}", flush=True)
+        t0 = time.perf_counter()
+        result = dg.materialize(all_assets, selection=selection, partition_key=key, instance=instance,
+                                resources=resources, raise_on_error=False)
+        done.append((label, result))
+        if not result.success:
+            print(f"run {result.run_id} failed at {label}; see its logs in the UI (make ui) or above. "
+                  "Fix the cause and rerun: finished work is kept.", file=sys.stderr)
+            break
+        failed = [e.check_name for e in result.get_asset_check_evaluations() if not e.passed]
+        if failed:
+            print(f"WARNING: asset checks failed at {label}: {failed}", file=sys.stderr)
+        print(f"=== done in {time.perf_counter() - t0:.1f}s (run {result.run_id})", flush=True)
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--until", choices=sorted(UNTIL), default="shards",
+                        help="last stage to materialise (default: shards, i.e. the whole mining chain)")
+    results = run_stages(parser.parse_args(argv).until)
+    if not results[-1][1].success:
+        return 1
+    return print_summary([])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

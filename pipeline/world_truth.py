@@ -1,0 +1,45 @@
+"""Ground truth of the scene world for mined negatives: which facts a negative changes relative to its positive.
+
+Only meaningful when the data source is the scene world; a user's data has no such labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from sae.interpret import scene_changes
+
+
+def scenes_by_path(world_dir: Path) -> dict[str, dict]:
+    """Absolute image path -> scene row (objects, background) for every image of the world."""
+    scenes = pl.read_parquet(Path(world_dir) / "scenes.parquet")
+    root = Path(world_dir).resolve()
+    return {str(root / r["image"]): r for r in scenes.select("image", "objects", "background").iter_rows(named=True)}
+
+
+def change_signature(positive: dict, negative: dict) -> frozenset[str]:
+    """The set of attributes in which the negative's scene differs from the positive's."""
+    return frozenset(a for a, changed in scene_changes(positive, negative).items() if changed)
+
+
+def error_type_report(positive_paths: list[str], selected_paths: dict[str, list[list[str]]],
+                      scenes: dict[str, dict]) -> pl.DataFrame:
+    """Per selection rule: mean number of distinct change signatures among an example's negatives (more = the
+    negatives deviate in more different ways) and mean number of attributes each negative changes (fewer =
+    harder, closer negatives)."""
+    rows = []
+    for rule, per_example in selected_paths.items():
+        distinct, n_changed = [], []
+        for pos_path, negs in zip(positive_paths, per_example):
+            pos = scenes.get(str(Path(pos_path).resolve()))
+            sigs = [change_signature(pos, scenes[str(Path(n).resolve())]) for n in negs
+                    if pos is not None and str(Path(n).resolve()) in scenes]
+            if sigs:
+                distinct.append(len(set(sigs)))
+                n_changed.extend(len(s) for s in sigs)
+        rows.append({"rule": rule, "examples": len(distinct),
+                     "distinct_change_types": float(np.mean(distinct)) if distinct else float("nan"),
+                     "attributes_changed_per_negative": float(np.mean(n_changed)) if n_changed else float("nan")})
+    return pl.DataFrame(rows)

@@ -1,0 +1,409 @@
+"""The default base model: the world VLM trained by supervised fine-tuning on the scene world.
+
+    python -m trainer.base_model --world data/world/default-seed0 --out data/models/base          # minutes
+    python -m trainer.base_model --world data/world/tiny-seed0 --out /tmp/base --preset tiny      # seconds
+
+Data: the train split's preference examples (prompt -> chosen answer, every prompt kind) and the pool's
+captions ("Describe the image." -> caption); the loss is on answer tokens only (the end-of-sequence token
+included). The folder is a `save_pretrained` LLaVA (model.safetensors, config, processor) plus
+`base_report.json`, written last: per prompt kind accuracy of greedy answers on the held-out test split
+(judged by `world.truth.judge`) and, for captions, exact match and per-attribute accuracy. A folder whose
+report records the same config and world is reused without training. See docs/base_model.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import polars as pl
+import torch
+import transformers
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pipeline import SCHEMA_VERSION
+from pipeline.fingerprint import fingerprint, sha256_file
+from pipeline.parquet_io import write_json_atomic
+from trainer.model_loading import encode_batch, greedy_generate
+from trainer.world_vlm import WorldVLMConfig, build_model, build_processor, build_tokenizer, num_parameters, \
+    unused_parameters
+from world import grammar
+from world.generate import read_scenes
+from world.scene import Scene
+from world.truth import judge
+
+REPORT = "base_report.json"
+CAPTION_ATTRIBUTES = ("count", "colour", "size", "position", "shape", "background")
+
+
+@dataclass(frozen=True)
+class BaseModelConfig:
+    """Architecture, SFT budget and evaluation of the world base model."""
+
+    arch: WorldVLMConfig = field(default_factory=WorldVLMConfig)
+    """The world VLM's architecture."""
+    steps: int = 500
+    """Optimiser steps (500 at batch 32: ~4 min on 2 cores; shape stays the weak attribute)."""
+    batch_size: int = 32
+    """Rows per step."""
+    qa_fraction: float = 0.5
+    """Share of each batch drawn from the train split's examples; the rest are pool captions."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
+    warmup_steps: int = 50
+    """Warmup steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay on matrices (not on gains, biases, embeddings)."""
+    grad_clip: float = 1.0
+    """Gradient norm clip."""
+    max_length: int = 192
+    """Longest row (64 image tokens + prompt + answer is ~130 in the default world)."""
+    seed: int = 0
+    """Seed of init and batch order."""
+    eval_size: int = 2000
+    """Most held-out test examples evaluated (all kinds, in manifest order)."""
+    eval_batch_size: int = 128
+    """Rows per generation batch."""
+    max_new_tokens: int = 64
+    """Longest generated answer (a 4-object caption is ~45 tokens)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.arch, dict):
+            object.__setattr__(self, "arch", WorldVLMConfig(**self.arch))
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps ({self.steps}) and batch_size ({self.batch_size}) must be >= 1")
+        if not 0 <= self.qa_fraction <= 1:
+            raise ValueError(f"qa_fraction={self.qa_fraction} must be in [0, 1]")
+        if self.max_length <= self.arch.num_image_tokens:
+            raise ValueError(f"max_length={self.max_length} cannot hold the {self.arch.num_image_tokens} image "
+                             "tokens and a prompt; raise it")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+BASE_PRESETS: dict[str, BaseModelConfig] = {
+    # Tests: a smaller model, seconds.
+    "tiny": BaseModelConfig(
+        arch=WorldVLMConfig(vision_width=32, vision_layers=1, vision_heads=2, text_width=64, text_layers=2,
+                            text_heads=2, text_intermediate=128),
+        steps=12, batch_size=8, lr=3e-3, warmup_steps=2, eval_size=24, eval_batch_size=24, max_new_tokens=48),
+    "default": BaseModelConfig(),
+}
+
+
+@dataclass
+class BaseReport:
+    """What `train_base_model` did and how good the model is (saved as base_report.json)."""
+
+    folder: str
+    trained: bool
+    """False when the folder already held this model and training was skipped."""
+    config: dict[str, Any]
+    world_fingerprint: str
+    fingerprint: str
+    num_parameters: int
+    num_image_tokens: int
+    train_rows: dict[str, int]
+    """Examples available: `qa` (train split) and `captions` (pool)."""
+    seconds_train: float
+    seconds_eval: float
+    steps_per_second: float
+    final_loss: float
+    """Mean loss of the last 20 steps."""
+    losses: list[float]
+    accuracy_by_kind: dict[str, float]
+    """Fraction of greedy answers `world.truth.judge` finds true, per prompt kind of the test split."""
+    n_by_kind: dict[str, int]
+    caption: dict[str, float]
+    """Describe answers: exact_match, well_formed, mention_error_rate and per-attribute accuracy."""
+    samples: list[dict[str, str]]
+    """A few test answers next to the truth, for a look."""
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BaseReport:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_images(world_dir: Path, rel_paths: Sequence[str]) -> dict[str, np.ndarray]:
+    """rel path -> uint8 (H, W, 3); each file read once."""
+    out = {}
+    for rel in dict.fromkeys(rel_paths):
+        with Image.open(world_dir / rel) as im:
+            out[rel] = np.asarray(im.convert("RGB"))
+    return out
+
+
+def world_texts(world_dir: Path) -> list[str]:
+    """Every prompt, answer and caption the world wrote: the tokenizer's training corpus."""
+    prefs = pl.concat([pl.read_parquet(world_dir / f) for f in ("preferences.parquet", "preferences_test.parquet")])
+    texts = pl.read_parquet(world_dir / "scenes.parquet")["caption"].to_list()
+    for col in ("prompt", "chosen", "rejected"):
+        texts += [t for t in prefs[col].to_list() if t]
+    return texts
+
+
+def sft_rows(world_dir: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(qa, captions): columns image, prompt, answer. qa = train-split examples, captions = the pool."""
+    qa = pl.read_parquet(world_dir / "preferences.parquet").select(
+        "image", "prompt", pl.col("chosen").alias("answer"))
+    caps = pl.read_parquet(world_dir / "scenes.parquet").filter(pl.col("split") == "pool").select(
+        "image", pl.lit(grammar.DESCRIBE_PROMPT).alias("prompt"), pl.col("caption").alias("answer"))
+    return qa, caps
+
+
+class BatchSampler:
+    """Deterministic batches: `n_qa` rows from a cycling permutation of the QA examples, the rest from one of
+    the pool captions (each reshuffled when exhausted)."""
+
+    def __init__(self, n_qa: int, n_caps: int, batch_size: int, qa_fraction: float, seed: int):
+        if n_qa == 0 and n_caps == 0:
+            raise ValueError("the world has no train examples and no pool captions to train on")
+        self.k_qa = round(batch_size * qa_fraction) if n_caps else batch_size
+        self.k_qa = 0 if n_qa == 0 else self.k_qa
+        self.k_caps = batch_size - self.k_qa
+        self.gen = torch.Generator().manual_seed(seed)
+        self.sizes = {"qa": n_qa, "caps": n_caps}
+        self.order = {k: torch.randperm(n, generator=self.gen).tolist() if n else [] for k, n in self.sizes.items()}
+        self.cursor = {"qa": 0, "caps": 0}
+
+    def _take(self, key: str, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.cursor[key] >= self.sizes[key]:
+                self.order[key], self.cursor[key] = torch.randperm(self.sizes[key], generator=self.gen).tolist(), 0
+            out.append(self.order[key][self.cursor[key]])
+            self.cursor[key] += 1
+        return out
+
+    def next(self) -> tuple[list[int], list[int]]:
+        return self._take("qa", self.k_qa), self._take("caps", self.k_caps)
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, cfg: BaseModelConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def sft_loss(model, processor, images: Sequence[np.ndarray], prompts: Sequence[str], answers: Sequence[str],
+             max_length: int) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens (and the eos) of a batch."""
+    batch = encode_batch(processor, images, prompts, answers, max_length=max_length)
+    return model(**batch.model_inputs(), labels=batch.labels, use_cache=False).loss
+
+
+def sft_steps(model, processor, world_dir: Path, cfg: BaseModelConfig, steps: int | None = None,
+              progress: bool = True) -> list[float]:
+    """Run `steps` (default cfg.steps) SFT steps on `model` in place; returns the loss of every step."""
+    world_dir = Path(world_dir)
+    qa, caps = sft_rows(world_dir)
+    images = load_images(world_dir, qa["image"].to_list() + caps["image"].to_list())
+    qa_rows, cap_rows = qa.rows(), caps.rows()
+    for name in unused_parameters(model):  # no loss reaches them; freezing keeps "trainable" honest
+        model.get_parameter(name).requires_grad_(False)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
+    sampler = BatchSampler(len(qa_rows), len(cap_rows), cfg.batch_size, cfg.qa_fraction, cfg.seed)
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(range(steps or cfg.steps), desc="train base VLM", unit="step", disable=not progress)
+    for step in bar:
+        i_qa, i_caps = sampler.next()
+        rows = [qa_rows[i] for i in i_qa] + [cap_rows[i] for i in i_caps]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        loss = sft_loss(model, processor, [images[r[0]] for r in rows], [r[1] for r in rows],
+                        [r[2] for r in rows], cfg.max_length)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        losses.append(loss.item())
+        if step % 10 == 0 or step == len(bar) - 1:
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+    bar.close()
+    model.eval()
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def caption_scores(scene: Scene, text: str) -> dict[str, float | None]:
+    """Per-attribute correctness of one generated caption, 1.0/0.0 (None where undefined).
+
+    count: as many object mentions as objects; position: the set of mentioned cells is the true one;
+    shape/colour/size: fraction of true objects whose cell is mentioned with the right value (an object
+    whose cell is not mentioned counts as wrong); background: the right context."""
+    parsed = grammar.parse_caption(text)
+    said = {}
+    for o in parsed.objects:
+        said.setdefault(o.position, o)
+    out: dict[str, float | None] = {
+        "count": float(len(parsed.objects) == len(scene.objects)),
+        "position": float({o.position for o in parsed.objects} == {o.position for o in scene.objects}),
+        "background": float(parsed.background == scene.background),
+    }
+    for attr in ("shape", "colour", "size"):
+        out[attr] = float(np.mean([getattr(said.get(o.position), attr, None) == getattr(o, attr)
+                                   for o in scene.objects]))
+    true_objects = set(scene.objects)
+    out["mention_error_rate"] = (float(np.mean([o not in true_objects for o in parsed.objects]))
+                                 if parsed.objects else None)
+    out["well_formed"] = float(parsed.well_formed)
+    return out
+
+
+def evaluate(model, processor, world_dir: Path, cfg: BaseModelConfig, progress: bool = True) -> dict[str, Any]:
+    """Greedy answers to the test split's prompts, judged against the scenes."""
+    world_dir = Path(world_dir)
+    test = pl.read_parquet(world_dir / "preferences_test.parquet").head(cfg.eval_size)
+    scenes = read_scenes(world_dir, "test")
+    images = load_images(world_dir, test["image"].to_list())
+    rows = test.rows(named=True)
+    correct: dict[str, list[float]] = {}
+    cap_scores: list[dict[str, float | None]] = []
+    exact: list[float] = []
+    samples: list[dict[str, str]] = []
+    kinds = sorted({r["prompt_kind"] for r in rows})
+    bar = tqdm(total=len(rows), desc="evaluate base VLM", unit="answer", disable=not progress)
+    for kind in kinds:  # one kind per batch: short answers do not wait for captions
+        sub = [r for r in rows if r["prompt_kind"] == kind]
+        max_new = cfg.max_new_tokens if kind == "describe" else min(cfg.max_new_tokens, 32)
+        answers = []
+        for i in range(0, len(sub), cfg.eval_batch_size):
+            chunk = sub[i:i + cfg.eval_batch_size]
+            answers += greedy_generate(model, processor, [images[r["image"]] for r in chunk],
+                                       [r["prompt"] for r in chunk], max_new_tokens=max_new,
+                                       batch_size=cfg.eval_batch_size)
+            bar.update(len(chunk))
+        for r, answer in zip(sub, answers):
+            scene = scenes[r["scene_id"]]
+            correct.setdefault(kind, []).append(float(judge(scene, r["prompt"], answer).true))
+            if kind == "describe":
+                cap_scores.append(caption_scores(scene, answer))
+                exact.append(float(answer == r["chosen"]))
+        samples += [{"kind": kind, "prompt": r["prompt"], "truth": r["chosen"], "answer": a}
+                    for r, a in list(zip(sub, answers))[:3]]
+    bar.close()
+    caption: dict[str, float] = {}
+    if cap_scores:
+        caption["n"] = len(cap_scores)
+        caption["exact_match"] = float(np.mean(exact))
+        for key in (*CAPTION_ATTRIBUTES, "well_formed", "mention_error_rate"):
+            vals = [s[key] for s in cap_scores if s[key] is not None]
+            caption[key] = float(np.mean(vals)) if vals else float("nan")
+    return {"accuracy_by_kind": {k: float(np.mean(v)) for k, v in correct.items()},
+            "n_by_kind": {k: len(v) for k, v in correct.items()}, "caption": caption, "samples": samples}
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def world_fingerprint(world_dir: Path) -> str:
+    path = Path(world_dir) / "world.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{world_dir} has no world.json: generate the world first (`make world`)")
+    return sha256_file(path)
+
+
+def read_report(out_dir: Path) -> BaseReport | None:
+    try:
+        return BaseReport.from_dict(json.loads((Path(out_dir) / REPORT).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def build_world_vlm(world_dir: Path, cfg: BaseModelConfig):
+    """(model, processor): a fresh world VLM whose tokenizer knows every word of this world."""
+    tokenizer = build_tokenizer(world_texts(Path(world_dir)))
+    processor = build_processor(tokenizer, cfg.arch)
+    return build_model(cfg.arch, tokenizer, seed=cfg.seed), processor
+
+
+def train_base_model(world_dir: str | Path, out_dir: str | Path, cfg: BaseModelConfig = BaseModelConfig(),
+                     progress: bool = True) -> BaseReport:
+    """Train (or reuse) the world base VLM in `out_dir`; returns its report."""
+    world_dir, out_dir = Path(world_dir), Path(out_dir)
+    world_fp = world_fingerprint(world_dir)
+    fp = fingerprint(cfg.to_dict(), world_fp)
+    old = read_report(out_dir)
+    if old is not None and old.fingerprint == fp and (out_dir / "model.safetensors").is_file():
+        old.trained = False
+        return old
+    (out_dir / REPORT).unlink(missing_ok=True)  # the report marks a complete folder: gone until we are done
+    torch.manual_seed(cfg.seed)
+    model, processor = build_world_vlm(world_dir, cfg)
+    qa, caps = sft_rows(world_dir)
+    t0 = time.perf_counter()
+    losses = sft_steps(model, processor, world_dir, cfg, progress=progress)
+    seconds_train = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    ev = evaluate(model, processor, world_dir, cfg, progress=progress)
+    seconds_eval = time.perf_counter() - t1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    report = BaseReport(
+        folder=str(out_dir), trained=True, config=cfg.to_dict(), world_fingerprint=world_fp, fingerprint=fp,
+        num_parameters=num_parameters(model), num_image_tokens=cfg.arch.num_image_tokens,
+        train_rows={"qa": qa.height, "captions": caps.height}, seconds_train=seconds_train,
+        seconds_eval=seconds_eval, steps_per_second=len(losses) / seconds_train,
+        final_loss=float(np.mean(losses[-20:])), losses=losses, **ev,
+        versions={"schema": str(SCHEMA_VERSION), "transformers": transformers.__version__,
+                  "torch": torch.__version__},
+    )
+    write_json_atomic(report.to_dict(), out_dir / REPORT)
+    return report
+
+
+def format_report(report: BaseReport) -> str:
+    lines = [f"base VLM {report.folder}: {report.num_parameters / 1e6:.2f} M parameters, "
+             f"{'trained' if report.trained else 'reused'}, {report.seconds_train:.0f} s train "
+             f"({report.steps_per_second:.2f} steps/s), final loss {report.final_loss:.3f}"]
+    lines += [f"  {k:<10} accuracy {v:6.1%}  (n={report.n_by_kind[k]})" for k, v in report.accuracy_by_kind.items()]
+    if report.caption:
+        c = report.caption
+        lines.append("  captions: exact " + f"{c['exact_match']:.1%}, " + ", ".join(
+            f"{a} {c[a]:.1%}" for a in CAPTION_ATTRIBUTES) + f", wrong mentions {c['mention_error_rate']:.1%}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> BaseReport:
+    ap = argparse.ArgumentParser(prog="python -m trainer.base_model", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--world", required=True, help="a generated world folder (holds world.json)")
+    ap.add_argument("--out", required=True, help="output folder (save_pretrained + base_report.json)")
+    ap.add_argument("--preset", default="default", choices=sorted(BASE_PRESETS))
+    ap.add_argument("--steps", type=int, default=None, help="override the preset's optimiser steps")
+    ap.add_argument("--seed", type=int, default=None, help="override the preset's seed")
+    args = ap.parse_args(argv)
+    cfg = BASE_PRESETS[args.preset]
+    overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    cfg = dataclasses.replace(cfg, **overrides)
+    report = train_base_model(args.world, args.out, cfg)
+    print(format_report(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
