@@ -197,7 +197,8 @@ def preference_shards(context: dg.AssetExecutionContext, config: MiningRunConfig
 
 
 def _shard_metadata(table: pl.DataFrame, stats, cfg: MiningConfig, out) -> dict:
-    negs = table.select(pl.col("negatives").list.explode(empty_as_null=True).struct.unnest()) if table.height else pl.DataFrame()
+    negs = (table.select(pl.col("negatives").list.explode(empty_as_null=True).struct.unnest()).drop_nulls("score")
+            if table.height else pl.DataFrame())
     meta = {"dagster/row_count": table.height, "path": dg.MetadataValue.path(str(out)), "rule": cfg.rule,
             "k": cfg.k, "examples_with_shortfall": int((table["shortfall"] > 0).sum()) if table.height else 0,
             "preview": markdown_table(table.select("example_id", "prompt", "chosen", "rejected", "n_negatives")),
@@ -233,7 +234,8 @@ def shards_manifest(context: dg.AssetExecutionContext, data_root: DataRoot, sour
         "schema_version": 1, "shards": shards, "examples": sum(s["rows"] for s in shards),
         "examples_quarantined": quarantined,
         "clip": {"model": clip.model or "world CLIP", "fingerprint": checkpoint_fingerprint(clip.spec(root))},
-        "sae": {"sha256": sha256_file(root / "models" / "sae" / "sae.safetensors")},
+        "sae": {"sha256": sha256_file(root / "models" / "sae" / "sae.safetensors"),
+                "num_latents": json.loads((root / "models" / "sae" / "cfg.json").read_text())["num_latents"]},
         "pool": json.loads((root / "index" / "pool.json").read_text()),
         "source": {"kind": source.kind, **({"world_preset": source.world_preset, "world_seed": source.world_seed}
                                            if source.kind == "world" else {"manifest": source.manifest,

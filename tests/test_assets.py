@@ -116,3 +116,49 @@ def test_cli_validates_and_materialises_from_repo_root(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "data" / "ingest" / "examples" / "shard=001.parquet").exists()
     assert not (tmp_path / "data" / "ingest" / "examples" / "shard=000.parquet").exists()
+
+
+def test_files_source_quarantines_bad_rows_and_reports_counts(tmp_path):
+    """A user's manifest with bad rows: the asset finishes, the good rows go on, every bad row is in the
+    quarantine table with its reason, and the counts are in the materialisation metadata."""
+    import json
+
+    from PIL import Image
+
+    from assets.resources import ClipModel, DataRoot
+    from pipeline.sharding import shard_keys
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(images / f"{i}.png")
+    (images / "broken.png").write_bytes(b"not a png at all")
+    rows = [{"id": f"ok{i}", "prompt": "Describe.", "chosen": "a red square", "rejected": "a blue square",
+             "image": f"images/{i}.png"} for i in range(4)]
+    rows += [{"id": "missing", "prompt": "Describe.", "chosen": "x", "rejected": "y", "image": "images/nope.png"},
+             {"id": "broken", "prompt": "Describe.", "chosen": "x", "rejected": "y", "image": "images/broken.png"},
+             {"id": "empty", "prompt": "  ", "chosen": "x", "rejected": "y", "image": "images/0.png"},
+             {"id": "escape", "prompt": "Describe.", "chosen": "x", "rejected": "y", "image": "../outside.png"},
+             {"id": "ok0", "prompt": "Again.", "chosen": "x", "rejected": "y", "image": "images/1.png"}]
+    manifest = tmp_path / "prefs.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    resources = {"data_root": DataRoot(path=str(tmp_path / "data")), "clip": ClipModel(),
+                 "source": DataSource(kind="files", pool_dir=str(images), manifest=str(manifest),
+                                      image_root=str(tmp_path))}
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize(all_assets, selection=["source_data"], instance=instance, resources=resources).success
+    total_out, reasons, quarantined_meta = 0, {}, 0
+    for key in shard_keys():
+        result = dg.materialize(all_assets, selection=["preference_examples"], partition_key=key,
+                                instance=instance, resources=resources)
+        meta = result.asset_materializations_for_node("preference_examples")[0].metadata
+        quarantined_meta += meta["rows_quarantined"].value
+        total_out += meta["dagster/row_count"].value
+        q = pl.read_parquet(tmp_path / "data" / "ingest" / "quarantine" / f"examples-shard={key}.parquet")
+        reasons.update(dict(zip(q["id"].to_list(), q["reason"].to_list())))
+    assert total_out == 4 and quarantined_meta == 5 == len(rows) - total_out
+    assert reasons == {"missing": "missing_file", "broken": "undecodable_image", "empty": "empty_prompt",
+                       "escape": "path_outside_root", "ok0": "duplicate_id"}
+    # With no CLIP configured and a user's data, the CLIP asset says what to configure.
+    with pytest.raises(Exception, match="MISP_CLIP_MODEL"):
+        dg.materialize(all_assets, selection=["clip_model"], instance=instance, resources=resources)

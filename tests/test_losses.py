@@ -269,6 +269,10 @@ def test_mixture_keeps_q_away_from_zero():
         LearnedProposal(8, eps=0.2).load_state_dict(state)
     with pytest.raises(ValueError, match="eps"):
         LearnedProposal(8, eps=0.0)
+    learned = LossConfig.from_preset("misp", is_mode="learned", proposal_eps=0.2)
+    assert LearnedProposal.from_config(learned, 8).eps == 0.2
+    with pytest.raises(ValueError, match="is_mode='learned'"):
+        LearnedProposal.from_config(PRESETS["misp"], 8)
 
 
 # --------------------------------------------------------------------------------------------- config and batch

@@ -114,3 +114,23 @@ def test_train_refuses_bad_inputs():
         train_sae(u, t, cfg, progress=False)
     with pytest.raises(ValueError, match="val_fraction"):
         TrainConfig(val_fraction=1.0)
+
+
+def test_data_init_rows_start_on_pairs():
+    from sae.train import init_from_data
+
+    u, t, _ = planted(n=50)
+    u, t = torch.as_tensor(u, dtype=torch.float64), torch.as_tensor(t, dtype=torch.float64)
+    sae = SparseAutoencoder(SaeConfig(dv=12, dt=6, num_latents=8, input_scale=0.7), dtype=torch.float64)
+    with torch.no_grad():
+        sae.b_dec.copy_(0.7 * u.T @ t / len(u))
+    init_from_data(sae, u, t, torch.Generator().manual_seed(0))
+    norms = sae.W_dec.flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+    assert torch.equal(sae.W_enc, sae.W_dec)
+    centred = (0.7 * u[:, :, None] * t[:, None, :] - sae.b_dec).detach()  # d_i - b, (n, Dv, Dt)
+    unit_pairs = centred / centred.flatten(1).norm(dim=1)[:, None, None]
+    for row in sae.W_dec.detach():  # every row is unit(d_i - b) of some training pair i
+        assert (unit_pairs - row).flatten(1).norm(dim=1).min() < 1e-9
+    with pytest.raises(ValueError, match="init='zeros' is unknown"):
+        TrainConfig(init="zeros")
