@@ -112,7 +112,7 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
     for w in warnings:
         context.log.warning(w)
     counts = table["cand_rows"].list.len()
-    sims = table["cand_sims"].explode().drop_nulls()
+    sims = table["cand_sims"].explode(empty_as_null=True).drop_nulls()
     return dg.MaterializeResult(metadata={
         "dagster/row_count": table.height, "mean_candidates": float(counts.mean() or 0),
         "examples_with_shortfall": int((table["shortfall"] > 0).sum()),

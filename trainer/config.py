@@ -92,6 +92,10 @@ class TrainConfig:
     """Seed of init, data order, on-the-fly negatives and IS draws."""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # YAML 1.1 reads `1e-5` as a string
+            value = getattr(self, f.name)
+            if isinstance(f.default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
         self.loss_config()  # validates the overrides
@@ -118,12 +122,31 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _coerce(raw: str, current: Any) -> Any:
-    """A command-line string in the type of the field it overrides (YAML parsing for bools/numbers/None)."""
+def _scalar(raw: str) -> Any:
+    """YAML scalar, plus the numbers YAML 1.1 leaves as strings (`1e-3`)."""
     value = yaml.safe_load(raw)
-    if isinstance(current, str) and not isinstance(value, str):
-        return raw
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
     return value
+
+
+def _coerce(raw: str, current: Any) -> Any:
+    """A command-line string in the type of the field it overrides."""
+    if isinstance(current, bool):
+        value = yaml.safe_load(raw)
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {raw!r}")
+        return value
+    if isinstance(current, str):
+        return raw
+    if isinstance(current, int):
+        return int(raw)
+    if isinstance(current, float):
+        return float(raw)
+    return _scalar(raw)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -148,7 +171,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             value = tokens.pop(0)
         key = key.replace("-", "_")
         if key.startswith("loss."):
-            data.setdefault("loss", {})[key[5:]] = yaml.safe_load(value)
+            data.setdefault("loss", {})[key[5:]] = _scalar(value)
             continue
         if key not in names:
             raise ValueError(f"unknown option --{key}; known: {', '.join(sorted(names))}")
