@@ -18,7 +18,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export DAGSTER_HOME
 export MISP_SHARDS := $(SHARDS)
 
-.PHONY: help venv test ui validate world embed mine bench clean-data clean-venv
+.PHONY: help venv test ui validate world embed mine base train bench clean-data clean-venv
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -54,11 +54,23 @@ embed: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## Source -> CLIP -> per-shard ing
 mine: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## The whole mining chain -> preference shards under <data root>/shards
 	$(PY) -m assets.run_pipeline --until shards
 
+WORLD_DIR = $(or $(MISP_DATA_ROOT),data)/world/$(or $(MISP_WORLD_PRESET),default)-seed$(or $(MISP_WORLD_SEED),0)
+
+base: $(STAMP)  ## Train the world base VLM once (reused) into <data root>/models/base; needs the world (make world)
+	@test -f $(WORLD_DIR)/world.json || $(MAKE) world
+	$(PY) -m trainer.base_model --world $(WORLD_DIR) --out $(or $(MISP_DATA_ROOT),data)/models/base \
+		--preset $(if $(filter tiny,$(MISP_WORLD_PRESET)),tiny,default)
+
+train: $(STAMP)  ## Train the `misp` preset on the mined shards (configs/world.yaml; TRAIN_ARGS="--max_steps 50")
+	@test -f $(or $(MISP_DATA_ROOT),data)/shards/manifest.json || (echo "no shards yet: run 'make mine' first" && exit 1)
+	$(PY) -m trainer --config configs/world.yaml $(TRAIN_ARGS)
+
 bench: $(STAMP)  ## Run the benchmarks serially (tables printed, JSON under reports/bench/)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) bench/embed.py
 	$(PY) bench/sae_score.py
 	$(PY) bench/mine.py
+	$(PY) bench/train.py
 
 clean-data:  ## Delete the data root and the Dagster instance (asks first)
 	@read -p "delete $(or $(MISP_DATA_ROOT),data) and $(DAGSTER_HOME)? [y/N] " ok && [ "$$ok" = y ] && \

@@ -123,12 +123,6 @@ class EncodedBatch(NamedTuple):
                              extras={k: v.to(device) for k, v in self.extras.items()})
 
 
-def _processor_call(processor, images, texts: list[str]) -> dict:
-    """Tokenise prompts with their images (image placeholders expanded); unpadded rows via the mask."""
-    enc = processor(images=list(images), text=texts, return_tensors="pt", padding=True)
-    return dict(enc)
-
-
 def encode_batch(processor, images: Sequence[Image.Image], prompts: Sequence[str],
                  responses: Sequence[str] | None = None, *, max_length: int | None = None,
                  example_ids: Sequence[str] | None = None, add_eos: bool = True) -> EncodedBatch:
@@ -145,7 +139,9 @@ def encode_batch(processor, images: Sequence[Image.Image], prompts: Sequence[str
     ids = list(example_ids) if example_ids is not None else [f"row {i}" for i in range(n)]
     tok = processor.tokenizer
     texts = [format_prompt(processor, p) for p in prompts]
-    enc = _processor_call(processor, images, texts)
+    # The processor expands each image placeholder to the model's image tokens; rows are recovered from the
+    # attention mask, so the tokenizer's padding side does not matter.
+    enc = dict(processor(images=list(images), text=texts, return_tensors="pt", padding=True))
     prompt_ids_padded, prompt_mask = enc.pop("input_ids"), enc.pop("attention_mask")
     padded_len = prompt_ids_padded.shape[1]
     # Per-token side outputs (Qwen2-VL's `mm_token_type_ids`: 0 text, 1 image) follow their row; response
@@ -171,16 +167,17 @@ def encode_batch(processor, images: Sequence[Image.Image], prompts: Sequence[str
         resp = response_ids[i]
         cut = False
         if max_length is not None and len(prompt) + len(resp) > max_length:
+            need = len(prompt) + len(resp)
             image_pos = [j for j, t in enumerate(prompt) if t == image_id]
             if image_pos and image_pos[-1] >= max_length:
                 raise ValueError(
                     f"example {ids[i]!r}: max_length={max_length} would cut image tokens (the prompt has "
                     f"{len(image_pos)} image tokens ending at position {image_pos[-1]}, {len(prompt)} prompt "
-                    f"tokens in all); raise max_length to at least {len(prompt) + len(resp)}")
-            if resp and len(prompt) >= max_length:
+                    f"tokens in all); raise max_length to at least {need}")
+            if len(prompt) + bool(resp) > max_length:  # prompts are never cut, and a response keeps a token
                 raise ValueError(
                     f"example {ids[i]!r}: max_length={max_length} leaves no room for the response after its "
-                    f"{len(prompt)} prompt tokens; raise max_length to at least {len(prompt) + len(resp)}")
+                    f"{len(prompt)} prompt tokens; raise max_length to at least {need}")
             resp, cut = resp[:max_length - len(prompt)], True
         spans.append((len(prompt), len(prompt) + len(resp)))
         rows.append(prompt + resp)
