@@ -1,7 +1,7 @@
 """Benchmark the trainer (SPEC §3–4): seconds per optimizer step against K, importance sampling against the whole
 pool, cached against online reference, and our `dpo` preset against TRL's DPOTrainer on the same tiny LLaVA.
 
-    .venv/bin/python bench/train.py            # ~8-10 min on 2 busy cores (first run: +~40 s to mine the data)
+    .venv/bin/python bench/train.py            # ~11 min on 2 cores at load 4.5 (~6-7 quiet); first run +~40 s
     .venv/bin/python bench/train.py --quick    # smoke run (tiny model, 1 timed step per config), temp JSON
 
 Data (nothing downloaded, HF_HUB_OFFLINE=1): the tiny scene world mined into preference shards by the real
@@ -45,7 +45,8 @@ and TRL's own reference: a second copy of the model loaded from the folder. Its 
 `on_step_end` callbacks: data loading (datasets decodes the PNG) + its collator (processor) + policy and reference
 forwards + backward + clip + optimizer + scheduler + its per-step metrics. It is compared with our `dpo` preset
 with `reference: online` (the same work: 2 rows per example, policy + reference forward); ours cached is listed too.
-Ours and TRL are timed in the order ours, TRL, TRL, ours (each a fresh setup; medians over both runs).
+Ours and TRL are timed in the order ours, TRL, TRL, ours (each a fresh setup); s/step = the mean of the
+medians of the two runs.
 
 Prints tables; writes reports/bench/train.json (machine, load, versions, settings, every step time)."""
 
@@ -66,7 +67,6 @@ import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
-import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -408,12 +408,14 @@ def report(res: dict) -> str:
     rows = []
     for r in (res["trl"]["ours_online"], res["trl"]["ours_cached"], res["trl"]["trl"]):
         if "s_per_step" in r:
-            rows.append([r["name"], f"{r['s_per_step']:.3f}", f"{r['steps_per_s']:.2f}", ratio(r, base)])
+            runs = " / ".join(f"{m:.3f}" for m in r.get("run_medians", [r["s_per_step"]]))
+            rows.append([r["name"], f"{r['s_per_step']:.3f}", f"{r['steps_per_s']:.2f}", ratio(r, base), runs])
         else:
-            rows.append([r["name"], r["status"], "-", "-"])
+            rows.append([r["name"], r["status"], "-", "-", "-"])
     parts.append(fmt_table(
-        f"Text DPO, same model, data, batch {BATCH}, max_length {MAX_LENGTH} (x = / ours dpo online)",
-        ["trainer", "s/step", "steps/s", "x ours online"], rows))
+        f"Text DPO, same model, data, batch {BATCH}, max_length {MAX_LENGTH} (s/step: mean of the runs' medians, "
+        "runs ordered ours, TRL, TRL, ours; x = / ours dpo online)",
+        ["trainer", "s/step", "steps/s", "x ours online", "per-run medians"], rows))
     if res.get("train_loop"):
         direct = res["reference"][0]["cached"]
         t = res["train_loop"]
@@ -579,12 +581,14 @@ def main() -> None:
 
 
 def pooled(runs: list[dict]) -> dict:
-    """One result from repeated runs of a configuration: the median over all their timed steps."""
+    """One result from the ABBA-ordered runs of a configuration: the mean of the runs' medians (equal weight per
+    run is what cancels a linear drift of the background load; a median over the pooled steps would not)."""
     if any("s_per_step" not in r for r in runs):
         return next(r for r in runs if "s_per_step" not in r)
-    times = [t for r in runs for t in r["step_times"]]
-    med = statistics.median(times)
-    return {**runs[0], "s_per_step": med, "steps_per_s": 1 / med, "step_times": times, "runs": len(runs)}
+    medians = [r["s_per_step"] for r in runs]
+    mean = statistics.mean(medians)
+    return {**runs[0], "s_per_step": mean, "steps_per_s": 1 / mean, "run_medians": medians,
+            "step_times": [t for r in runs for t in r["step_times"]], "runs": len(runs)}
 
 
 if __name__ == "__main__":
