@@ -18,7 +18,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export DAGSTER_HOME
 export MISP_SHARDS := $(SHARDS)
 
-.PHONY: help venv test ui validate world embed mine base train bench clean-data clean-venv
+.PHONY: help venv test ui validate world embed mine base train eval bench clean-data clean-venv
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -64,6 +64,13 @@ base: $(STAMP)  ## Train the world base VLM once (reused) into <data root>/model
 train: $(STAMP)  ## Train the `misp` preset on the mined shards (configs/world.yaml; TRAIN_ARGS="--max_steps 50")
 	@test -f $(or $(MISP_DATA_ROOT),data)/shards/manifest.json || (echo "no shards yet: run 'make mine' first" && exit 1)
 	$(PY) -m trainer --config configs/world.yaml $(TRAIN_ARGS)
+
+MODEL ?= $(or $(MISP_DATA_ROOT),data)/models/base
+
+eval: $(STAMP)  ## Hallucination benchmarks (POPE-style, CHAIR) of MODEL (default: the base VLM) on the world's test split
+	@test -f $(WORLD_DIR)/world.json || $(MAKE) world
+	@test -f $(MODEL)/config.json || (echo "no model in $(MODEL): run 'make base' or give MODEL=<folder>" && exit 1)
+	$(PY) -m eval --model $(MODEL) --world $(WORLD_DIR) $(EVAL_ARGS)
 
 bench: $(STAMP)  ## Run the benchmarks serially (tables printed, JSON under reports/bench/)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
