@@ -17,6 +17,9 @@ all_assets = [source_data, pool_images, preference_examples, clip_model,
 defs = dg.Definitions(
     assets=all_assets,
     resources=resources_from_env(),
-    # Shards of one asset run in parallel processes; `max_concurrent` bounds memory on small machines.
-    executor=dg.multiprocess_executor.configured({"max_concurrent": 2}),
+    # Steps of a run execute in parallel processes (`max_concurrent` bounds memory on small machines); a
+    # forkserver that has imported the definitions once spares every step re-importing torch and open_clip
+    # (measured: 25 s instead of 88 s for one round of two shards on 2 cores).
+    executor=dg.multiprocess_executor.configured(
+        {"max_concurrent": 2, "start_method": {"forkserver": {"preload_modules": ["assets.definitions"]}}}),
 )

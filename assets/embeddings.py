@@ -1,4 +1,7 @@
-"""Per-shard CLIP embeddings of pool images, positive images and prompts, with their asset checks."""
+"""Per-shard CLIP embeddings of pool images, positive images and prompts, with their asset checks.
+
+A row whose embedding is NaN or inf (a broken checkpoint) goes to `embeddings/quarantine/<table>-shard=NNN.parquet`
+with reason `non_finite_embedding`, as ingest does with bad input rows."""
 
 
 from typing import Callable
@@ -7,13 +10,14 @@ import dagster as dg
 import polars as pl
 
 from assets.clip import clip_model
-from assets.metadata import markdown_table, table_schema
+from assets.metadata import counts_table, markdown_table, table_schema
 from assets.partitions import shard_partitions
 from assets.resources import ClipModel, DataRoot
 from assets.source import pool_images, preference_examples
 from pipeline.checks import check_finite, check_unique_keys, check_unit_norm
 from pipeline.clip_encoder import ClipEncoder, checkpoint_fingerprint
-from pipeline.embed import pool_embedding_table, positive_embedding_table, prompt_embedding_table
+from pipeline.embed import (pool_embedding_table, positive_embedding_table, prompt_embedding_table,
+                           quarantine_non_finite)
 from pipeline.fingerprint import fingerprint, text_id
 from pipeline.parquet_io import is_current, read_metadata, write_parquet_atomic
 from pipeline.paths import shard_file
@@ -36,23 +40,34 @@ def _embedding_asset(name: str, folder: str, upstream: dg.AssetsDefinition, upst
             raise FileNotFoundError(f"{src} is missing: materialise {upstream.key.to_user_string()} for shard "
                                     f"{context.partition_key} first")
         out = shard_file(root / "embeddings" / folder, context.partition_key)
+        qout = shard_file(root / "embeddings" / "quarantine", context.partition_key, prefix=f"{folder}-shard=")
         spec = clip.spec(root)
         clip_fp = checkpoint_fingerprint(spec)
         fp = fingerprint(name, read_metadata(src)["fingerprint"], clip_fp)
         inputs = pl.read_parquet(src)
-        if is_current(out, fp):
+        if is_current(out, fp) and is_current(qout, fp):
             context.log.info(f"{out} is current (same inputs and CLIP); not re-embedding")
-            table = pl.read_parquet(out)
+            table, quarantine = pl.read_parquet(out), pl.read_parquet(qout)
         else:
             encoder = ClipEncoder(spec)
-            table = build(encoder, inputs, batch_size=clip.batch_size, progress=True)
+            table, quarantine = quarantine_non_finite(
+                build(encoder, inputs, batch_size=clip.batch_size, progress=True), folder)
+            # Quarantine first: a shard whose table exists always has its quarantine beside it.
+            write_parquet_atomic(quarantine, qout, {"fingerprint": fp, "clip": clip_fp})
             write_parquet_atomic(table, out, {"fingerprint": fp, "clip": clip_fp, "dim": encoder.dim})
+        if quarantine.height:
+            context.log.warning(f"shard {context.partition_key}: {quarantine.height} {folder} embeddings are NaN or "
+                                f"inf and were quarantined to {qout}; the CLIP checkpoint looks broken")
         outcomes = {"finite": check_finite(table), "unit_norm": check_unit_norm(table),
-                    "one_row_per_input": check_unique_keys(table, expected_keys(inputs))}
+                    "one_row_per_input": check_unique_keys(table, expected_keys(inputs), quarantine["id"].to_list())}
         return dg.MaterializeResult(
-            metadata={"dagster/row_count": table.height, "path": dg.MetadataValue.path(str(out)),
+            metadata={"dagster/row_count": table.height, "rows_in": table.height + quarantine.height,
+                      "rows_quarantined": quarantine.height,
+                      "quarantine_by_reason": counts_table(dict(quarantine["reason"].value_counts().iter_rows())),
+                      "path": dg.MetadataValue.path(str(out)), "quarantine_path": dg.MetadataValue.path(str(qout)),
                       "embedding_dim": int(table.schema["embedding"].size), "clip_fingerprint": clip_fp,
-                      "preview": markdown_table(table), "dagster/column_schema": table_schema(table)},
+                      "preview": markdown_table(table), "quarantine_preview": markdown_table(quarantine.drop("raw")),
+                      "dagster/column_schema": table_schema(table)},
             check_results=[dg.AssetCheckResult(check_name=c, passed=o.passed, description=o.description,
                                                metadata=o.details) for c, o in outcomes.items()],
         )

@@ -17,7 +17,7 @@ from assets.resources import ClipModel, DataRoot, DataSource
 from assets.source import preference_examples
 from pipeline.contact_sheet import contact_sheet
 from pipeline.fingerprint import fingerprint, sha256_file
-from pipeline.mine import MiningConfig, PoolTable, candidate_table, mine_shard
+from pipeline.mine import MiningConfig, PoolTable, candidate_table, drop_unembedded, mine_shard
 from pipeline.parquet_io import is_current, read_metadata, write_bytes_atomic, write_parquet_atomic
 from pipeline.paths import shard_file
 from pipeline.retrieval import PoolIndex, build_index, recall_at_m
@@ -56,6 +56,9 @@ def pool_index(context: dg.AssetExecutionContext, config: IndexConfig, data_root
     table_path, index_path = root / "index" / "pool.parquet", root / "index" / "pool.faiss"
     pool = pl.concat([pl.read_parquet(f) for f in files]) if not is_current(table_path, fp) else \
         pl.read_parquet(table_path)
+    if pool.height == 0:
+        raise ValueError("the pool is empty: every pool image was quarantined at ingest or embedding; see "
+                         "<data root>/ingest/quarantine and embeddings/quarantine for the reasons")
     emb = pool["embedding"].to_numpy().astype(np.float32)
     index = build_index(emb, config.kind, nlist=config.nlist, nprobe=config.nprobe, hnsw_m=config.hnsw_m)
     meta = {"dagster/row_count": pool.height, "kind": config.kind, "on_gpu": index.on_gpu,
@@ -91,7 +94,7 @@ class CandidatesConfig(dg.Config):
 
 
 @dg.asset(group_name="mining", partitions_def=shard_partitions, kinds={"faiss", "parquet"},
-          deps=[pool_index, preference_examples, positive_embeddings])
+          deps=[pool_index, preference_examples, positive_embeddings, prompt_embeddings])
 def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data_root: DataRoot) -> dg.MaterializeResult:
     """Per example of the shard, the M nearest pool images to its positive (positive and near-duplicates out)."""
     root = data_root.root()
@@ -103,11 +106,15 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
     out = shard_file(root / "mining" / "candidates", key)
     fp = fingerprint("candidates", pool_fp, read_metadata(positives_path)["fingerprint"], config.model_dump())
     warnings: tuple = ()
+    examples, unembedded = drop_unembedded(pl.read_parquet(examples_path), pl.read_parquet(positives_path),
+                                           pl.read_parquet(shard_file(root / "embeddings" / "prompts", key)))
+    if unembedded.height:
+        context.log.warning(f"{unembedded.height} examples have no embedding for their image or prompt (quarantined "
+                            f"by the embedding stage) and are not mined: {unembedded['example_id'].head(5).to_list()}")
     if is_current(out, fp):
         table = pl.read_parquet(out)
     else:
-        table, warnings = candidate_table(pl.read_parquet(examples_path), pl.read_parquet(positives_path), pool,
-                                          index, cfg)
+        table, warnings = candidate_table(examples, pl.read_parquet(positives_path), pool, index, cfg)
         write_parquet_atomic(table, out, {"fingerprint": fp, "m": config.m})
     for w in warnings:
         context.log.warning(w)
@@ -115,6 +122,7 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
     sims = table["cand_sims"].explode(empty_as_null=True).drop_nulls()
     return dg.MaterializeResult(metadata={
         "dagster/row_count": table.height, "mean_candidates": float(counts.mean() or 0),
+        "examples_without_embedding": unembedded.height,
         "examples_with_shortfall": int((table["shortfall"] > 0).sum()),
         "clip_sim_quantiles": dg.MetadataValue.json(
             {f"q{q}": float(sims.quantile(q / 100) or 0) for q in (5, 25, 50, 75, 95)} if len(sims) else {}),

@@ -12,7 +12,7 @@ from assets.mining import _all_shards, candidates, load_pool
 from assets.resources import DataRoot, DataSource
 from pipeline.fingerprint import fingerprint
 from pipeline.mine import training_pairs
-from pipeline.parquet_io import read_metadata, write_json_atomic
+from pipeline.parquet_io import read_metadata, write_json_atomic, write_parquet_atomic
 from pipeline.paths import shard_file
 from pipeline.sharding import shard_keys
 from pipeline.world_truth import scenes_by_path
@@ -111,7 +111,7 @@ def sae(context: dg.AssetExecutionContext, config: SaeTrainingConfig, data_root:
         table = latent_table(codes[keep], changed, ATTRIBUTES, ids=[ids["pool_path"][i] for i in keep],
                              kind=config.kind, n_top=3)
         report = folder / "latents.parquet"
-        table.write_parquet(report)
+        write_parquet_atomic(table, report, {"fingerprint": fp})
         best = table.filter(pl.col("best_attribute").is_not_null())
         meta["latents_by_attribute"] = _md_table(best.group_by("best_attribute").agg(
             pl.len().alias("latents"), pl.col("auroc").max().alias("max_auroc")).sort("best_attribute"))

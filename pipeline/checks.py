@@ -34,16 +34,21 @@ def check_unit_norm(df: pl.DataFrame, tol: float = 1e-3) -> CheckOutcome:
                         {"bad_rows": int(off.sum()), "min_norm": float(norms.min()), "max_norm": float(norms.max())})
 
 
-def check_unique_keys(df: pl.DataFrame, expected_keys: list[str] | None = None) -> CheckOutcome:
-    """No key twice and, when the inputs are given, every unique input present exactly once."""
-    dup = df.height - df["key"].n_unique()
+def check_unique_keys(df: pl.DataFrame, expected_keys: list[str] | None = None,
+                      quarantined_keys: list[str] | None = None) -> CheckOutcome:
+    """No key twice and, when the inputs are given, every unique input accounted for exactly once: as a row of
+    the table, or as a quarantined key (a non-finite embedding) that is not also in the table."""
+    held = set(quarantined_keys or [])
+    have = set(df["key"].to_list())
+    dup = df.height - len(have) + len(have & held)
     missing = extra = 0
     if expected_keys is not None:
-        have, want = set(df["key"].to_list()), set(expected_keys)
-        missing, extra = len(want - have), len(have - want)
+        want = set(expected_keys)
+        missing, extra = len(want - have - held), len((have | held) - want)
     ok = dup == 0 and missing == 0 and extra == 0
-    return CheckOutcome(ok, f"{dup} duplicate, {missing} missing, {extra} unexpected keys among {df.height} rows",
-                        {"duplicates": dup, "missing": missing, "unexpected": extra})
+    return CheckOutcome(ok, f"{dup} duplicate, {missing} missing, {extra} unexpected keys among {df.height} rows "
+                            f"and {len(held)} quarantined", {"duplicates": dup, "missing": missing,
+                                                             "unexpected": extra, "quarantined": len(held)})
 
 
 EMBEDDING_CHECKS = {

@@ -1,7 +1,8 @@
 """Embedding tables of one shard: pool images, unique positive images, unique prompts.
 
 Each table has a `key` column (one row per unique input) and an `embedding` column of type
-`Array(Float32, D)`, L2-normalised. See docs/data.md.
+`Array(Float32, D)`, L2-normalised. See docs/data.md. A row whose embedding is not finite (a broken
+checkpoint) is moved to a quarantine table with the ingest schema (`quarantine_non_finite`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ import polars as pl
 
 from pipeline.clip_encoder import ClipEncoder
 from pipeline.fingerprint import text_id
+from pipeline.ingest_schema import QUARANTINE_SCHEMA, raw_json
+
+NON_FINITE = "non_finite_embedding"
+"""Quarantine reason of a row whose embedding holds NaN or inf."""
 
 
 def embedding_series(matrix: np.ndarray) -> pl.Series:
@@ -60,3 +65,28 @@ def prompt_embedding_table(encoder: ClipEncoder, examples: pl.DataFrame, *, batc
                          schema={"key": pl.String, "prompt": pl.String})
     matrix = encoder.embed_texts(prompts, batch_size=batch_size, progress=progress, desc="embed prompts")
     return _with_embeddings(table, matrix, encoder.dim)
+
+
+def quarantine_non_finite(table: pl.DataFrame, source: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(rows whose embedding is finite, quarantine rows for the others).
+
+    A checkpoint with broken weights (or one that overflows in fp16) gives NaN or inf for some inputs; one such
+    vector poisons every distance, index and SAE batch computed from it, so the row leaves the table here with
+    reason `non_finite_embedding`. The quarantine has the ingest schema (docs/data.md): `source` is the table
+    (`pool`, `positives`, `prompts`), `row_index` the row's position among the stage's unique inputs, `id` its key.
+    """
+    m = embedding_matrix(table)
+    finite = np.isfinite(m).all(axis=1) if table.height else np.zeros(0, dtype=bool)
+    bad = table.with_row_index("row_index").filter(pl.Series(~finite))
+    n_nan, n_inf = np.isnan(m[~finite]).sum(axis=1), np.isinf(m[~finite]).sum(axis=1)
+    details, raws = [], []
+    for i, row in enumerate(bad.drop("embedding", "row_index").iter_rows(named=True)):
+        what = row.get("path") or repr(row.get("prompt", row["key"]))[:200]
+        details.append(f"the CLIP embedding of {what} has {n_nan[i]} NaN and {n_inf[i]} inf of {m.shape[1]} values: "
+                       "the checkpoint gives non-finite outputs for this input (broken weights, or fp16 overflow); "
+                       "check the CLIP weights and precision, then re-materialise")
+        raws.append(raw_json(row))
+    quarantine = pl.DataFrame({"source": [source] * bad.height, "row_index": bad["row_index"].cast(pl.Int64),
+                               "id": bad["key"], "reason": [NON_FINITE] * bad.height, "detail": details,
+                               "raw": raws}, schema=QUARANTINE_SCHEMA)
+    return table.filter(pl.Series(finite, dtype=pl.Boolean)), quarantine

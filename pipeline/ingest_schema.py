@@ -25,6 +25,7 @@ REASONS: tuple[str, ...] = (
     "image_too_small",
     "truncated_image",
     "undecodable_image",
+    "non_finite_embedding",  # set by the embedding stage, not by ingest
 )
 
 RAW_MAX_CHARS = 2000

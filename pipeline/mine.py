@@ -84,6 +84,16 @@ def _lookup(table: pl.DataFrame, keys: list[str], what: str) -> np.ndarray:
     return embedding_matrix(table)[[pos[k] for k in keys]]
 
 
+def drop_unembedded(examples: pl.DataFrame, positives: pl.DataFrame, prompts: pl.DataFrame
+                    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(examples that can be mined, examples whose positive image or prompt has no embedding). The latter were
+    quarantined by the embedding stage (non-finite output); they are reported, not mined."""
+    has_pos = pl.col("image_sha256").is_in(positives["key"].implode())
+    has_prompt = pl.col("prompt").map_elements(text_id, return_dtype=pl.String).is_in(prompts["key"].implode())
+    flagged = examples.with_columns((has_pos & has_prompt).alias("_ok"))
+    return flagged.filter("_ok").drop("_ok"), flagged.filter(~pl.col("_ok")).drop("_ok")
+
+
 def candidate_table(examples: pl.DataFrame, positives: pl.DataFrame, pool: PoolTable, index: PoolIndex,
                     cfg: MiningConfig) -> tuple[pl.DataFrame, tuple[str, ...]]:
     """Per example the M nearest pool images to its positive, excluding the positive itself (by content hash)
@@ -156,7 +166,8 @@ def mine_shard(examples: pl.DataFrame, candidates: pl.DataFrame, positives: pl.D
 
     Also selects by the other two rules on the same candidates (cheap) to report how diverse each rule's
     negatives are: the figure that says whether the SAE selection does what it claims."""
-    joined = examples.join(candidates, on="example_id", how="left", maintain_order="left")
+    # Examples without a candidates row had no embedding (reported by the candidates asset): not mined.
+    joined = examples.join(candidates, on="example_id", how="inner", maintain_order="left")
     rng = np.random.default_rng([cfg.seed, shard_seed])
     negatives, pools, diversity = [], [], {r: [] for r in RULES}
     selected_rows: dict[str, list[list[int]]] = {r: [] for r in RULES}

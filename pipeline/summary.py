@@ -23,8 +23,11 @@ def summarise(root) -> pl.DataFrame:
                          "quarantined": pl.scan_parquet(q).select(pl.len()).collect().item() if q.exists() else 0})
     for stage in ("pool", "positives", "prompts"):
         for f in sorted((root / "embeddings" / stage).glob("shard=*.parquet")):
-            rows.append({"table": f"embeddings/{stage}", "shard": f.stem.split("=")[1], "rows_in": None,
-                         "rows_out": pl.scan_parquet(f).select(pl.len()).collect().item(), "quarantined": None})
+            shard = f.stem.split("=")[1]
+            q = root / "embeddings" / "quarantine" / f"{stage}-shard={shard}.parquet"
+            rows.append({"table": f"embeddings/{stage}", "shard": shard, "rows_in": None,
+                         "rows_out": pl.scan_parquet(f).select(pl.len()).collect().item(),
+                         "quarantined": pl.scan_parquet(q).select(pl.len()).collect().item() if q.exists() else None})
     for f in sorted((root / "shards").glob("shard=*.parquet")):
         lf = pl.scan_parquet(f)
         rows.append({"table": "shards", "shard": f.stem.split("=")[1], "rows_in": None,

@@ -133,6 +133,17 @@ def train_sae(
 ) -> tuple[SparseAutoencoder, dict]:
     """Train an SAE on pairs u (N, Dv), t (N, Dt) (t ignored for space='image'); return it (best val FVU epoch,
     on `device`, eval mode) and the history: per-epoch records, best epoch, final val metrics, configs."""
+    # The backward of the per-prompt gathers (P[inverse], Q[inverse]) sums in a thread-dependent order on CPU:
+    # without deterministic algorithms, two runs on the same pairs gave different weights (and shards).
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _train_sae(u, t, cfg, train, device=device, dtype=dtype, progress=progress)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train_sae(u, t, cfg: SaeConfig, train: TrainConfig | None, *, device, dtype, progress):
     train = train or TrainConfig()
     device = torch.device(device or "cpu")
     generator = torch.Generator().manual_seed(cfg.seed)
