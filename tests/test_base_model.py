@@ -1,6 +1,7 @@
 """The default base model (world VLM + SFT) and the model-loading helpers the trainer builds on."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,6 +111,16 @@ def test_sft_steps_lower_the_loss_and_change_every_trainable_parameter(tiny_worl
     assert not unchanged and len(trainable) == len(before) - 2  # all but post_layernorm (weight, bias)
 
 
+def test_sft_is_deterministic_under_a_seed(tiny_world):
+    runs = []
+    for _ in range(2):
+        model, processor = build_world_vlm(tiny_world, TINY)
+        losses = sft_steps(model, processor, tiny_world, TINY, steps=3, progress=False)
+        runs.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
+
+
 def test_decoding_is_deterministic(fresh, tiny_world):
     model, processor, rows, images = fresh
     model.eval()
@@ -122,7 +133,7 @@ def test_decoding_is_deterministic(fresh, tiny_world):
 
 def test_report_has_per_kind_accuracies_and_is_reused(tiny_base, tiny_world):
     folder = tiny_base.folder
-    report = json.loads((__import__("pathlib").Path(folder) / "base_report.json").read_text())
+    report = json.loads((Path(folder) / "base_report.json").read_text())
     assert report["trained"] and set(report["accuracy_by_kind"]) <= set(PROMPT_KINDS)
     assert "describe" in report["accuracy_by_kind"]
     assert all(0 <= v <= 1 for v in report["accuracy_by_kind"].values())
@@ -157,6 +168,8 @@ def test_caption_scores_find_the_wrong_attribute(tiny_world):
     assert scores["shape"] == pytest.approx(1 - 1 / len(scene.objects))
     assert scores["colour"] == scores["size"] == scores["count"] == scores["position"] == 1.0
     assert scores["mention_error_rate"] == pytest.approx(1 / len(scene.objects))
+    same_size = [o for o in scene.objects if o.size == first.size]
+    assert scores[f"shape_{first.size}"] == pytest.approx(1 - 1 / len(same_size))
 
 
 def test_load_vlm_errors_say_what_to_do(tmp_path):

@@ -41,6 +41,9 @@ from world.scene import Scene
 from world.truth import judge
 
 REPORT = "base_report.json"
+# Bump when a change to the tokenizer, model or training makes the same config train a different model: a folder
+# trained by another version is retrained, not reused.
+BASE_VERSION = 1
 CAPTION_ATTRIBUTES = ("count", "colour", "size", "position", "shape", "background")
 
 
@@ -59,8 +62,6 @@ class BaseModelConfig:
     """Share of each batch drawn from the train split's examples; the rest are pool captions."""
     lr: float = 1e-3
     """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
-    vision_lr_scale: float = 1.0
-    """Learning rate of the vision tower relative to `lr`."""
     warmup_steps: int = 50
     """Warmup steps."""
     weight_decay: float = 0.01
@@ -201,14 +202,12 @@ class BatchSampler:
 
 
 # ---------------------------------------------------------------------------------------------- training
-def _param_groups(model: torch.nn.Module, cfg: BaseModelConfig) -> list[dict]:
-    """(vision tower or not) x (decayed matrices, or gains/biases/embeddings), each with its lr scale."""
-    groups: dict[tuple[bool, bool], list] = {}
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault(("vision_tower" in name, p.ndim >= 2 and "embed" not in name), []).append(p)
-    return [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0,
-             "lr_scale": cfg.vision_lr_scale if vision else 1.0} for (vision, decay), ps in sorted(groups.items())]
+            (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def lr_at(step: int, cfg: BaseModelConfig) -> float:
@@ -245,7 +244,7 @@ def sft_steps(model, processor, world_dir: Path, cfg: BaseModelConfig, steps: in
     qa_rows, cap_rows = qa.rows(), caps.rows()
     for name in unused_parameters(model):  # no loss reaches them; freezing keeps "trainable" honest
         model.get_parameter(name).requires_grad_(False)
-    opt = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
     sampler = BatchSampler(len(qa_rows), len(cap_rows), cfg.batch_size, cfg.qa_fraction, cfg.seed)
     losses: list[float] = []
     bf16 = use_bf16(cfg, next(model.parameters()).device)
@@ -255,7 +254,7 @@ def sft_steps(model, processor, world_dir: Path, cfg: BaseModelConfig, steps: in
         i_qa, i_caps = sampler.next()
         rows = [qa_rows[i] for i in i_qa] + [cap_rows[i] for i in i_caps]
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg) * group["lr_scale"]
+            group["lr"] = lr_at(step, cfg)
         loss = sft_loss(model, processor, [images[r[0]] for r in rows], [r[1] for r in rows],
                         [r[2] for r in rows], cfg.max_length, bf16)
         opt.zero_grad(set_to_none=True)
@@ -371,7 +370,7 @@ def train_base_model(world_dir: str | Path, out_dir: str | Path, cfg: BaseModelC
     fingerprint: a model trained on a GPU is reused on CPU and vice versa."""
     world_dir, out_dir = Path(world_dir), Path(out_dir)
     world_fp = world_fingerprint(world_dir)
-    fp = fingerprint(cfg.to_dict(), world_fp)
+    fp = fingerprint(cfg.to_dict(), world_fp, BASE_VERSION)
     old = read_report(out_dir)
     if old is not None and old.fingerprint == fp and (out_dir / "model.safetensors").is_file():
         old.trained = False
@@ -396,7 +395,7 @@ def train_base_model(world_dir: str | Path, out_dir: str | Path, cfg: BaseModelC
         train_rows={"qa": qa.height, "captions": caps.height}, seconds_train=seconds_train,
         seconds_eval=seconds_eval, steps_per_second=len(losses) / seconds_train,
         final_loss=float(np.mean(losses[-20:])), losses=losses, **ev,
-        versions={"schema": str(SCHEMA_VERSION), "transformers": transformers.__version__,
+        versions={"base": str(BASE_VERSION), "schema": str(SCHEMA_VERSION), "transformers": transformers.__version__,
                   "torch": torch.__version__},
     )
     write_json_atomic(report.to_dict(), out_dir / REPORT)
@@ -410,8 +409,10 @@ def format_report(report: BaseReport) -> str:
     lines += [f"  {k:<10} accuracy {v:6.1%}  (n={report.n_by_kind[k]})" for k, v in report.accuracy_by_kind.items()]
     if report.caption:
         c = report.caption
-        lines.append("  captions: exact " + f"{c['exact_match']:.1%}, " + ", ".join(
-            f"{a} {c[a]:.1%}" for a in CAPTION_ATTRIBUTES) + f", wrong mentions {c['mention_error_rate']:.1%}")
+        attrs = ", ".join(f"{a} {c[a]:.1%}" for a in CAPTION_ATTRIBUTES if a in c)
+        lines.append(f"  captions: exact {c['exact_match']:.1%}, {attrs}, wrong mentions {c['mention_error_rate']:.1%}")
+        if "shape_small" in c:
+            lines.append(f"  caption shape by size: small {c['shape_small']:.1%}, large {c['shape_large']:.1%}")
     return "\n".join(lines)
 
 

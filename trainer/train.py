@@ -43,8 +43,9 @@ def resolve_paths(cfg: TrainConfig) -> dict[str, Path]:
 
 
 def ensure_base_model(cfg: TrainConfig, paths: dict[str, Path], manifest: dict) -> None:
-    """No model configured: train the world base model once (what `make base` does)."""
-    if cfg.model or (paths["model"] / "config.json").exists():
+    """No model configured: the world base model, trained when missing or stale (what `make base` does; a
+    current one is reused in milliseconds, keyed on its config and the world)."""
+    if cfg.model:
         return
     source = manifest.get("source", {})
     if source.get("kind") != "world":

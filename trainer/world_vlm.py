@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from world import grammar, vocab
+from world.scene import ObjectSpec
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)  # ids 0..4, in this order
@@ -96,9 +97,12 @@ class WorldVLMConfig:
 def library_corpus() -> list[str]:
     """Sentences that use every word the world's grammar can produce (whole `world.vocab` library, every
     template), so the tokenizer covers any world config, rejected answers and the chat format included."""
-    texts = [grammar.DESCRIBE_PROMPT, grammar.COUNT_PROMPT, "USER: ASSISTANT:",
-             "Yes, there is a thing. No, there is no thing. There are objects. There is one object."]
-    texts += [q.format("square") for q in grammar.ATTRIBUTE_QUESTION.values()]
+    spec = ObjectSpec("square", "red", "small", "top left")
+    texts = [grammar.DESCRIBE_PROMPT, grammar.COUNT_PROMPT, "USER: ASSISTANT:", grammar.count_answer(1),
+             grammar.count_answer(2), grammar.yesno_prompt(spec), grammar.yesno_answer(True, spec),
+             grammar.yesno_answer(False, spec)]
+    texts += [grammar.attribute_prompt(a, spec) for a in grammar.ATTRIBUTE_QUESTION]
+    texts += [grammar.attribute_answer(a, spec, getattr(spec, a)) for a in grammar.ATTRIBUTE_QUESTION]
     texts += [" ".join(vocab.SHAPES), " ".join(vocab.COLOURS), " ".join(vocab.SIZES), " ".join(vocab.BACKGROUNDS),
               " ".join(vocab.NUMBER_WORDS), " ".join(vocab.POSITIONS), "a an the at on in and , . ? background"]
     return texts
@@ -138,7 +142,8 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, cfg: WorldVLMConfig) -> 
 
 
 # ---------------------------------------------------------------------------------------------- model
-def build_model(cfg: WorldVLMConfig, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaForConditionalGeneration:
+def build_model(cfg: WorldVLMConfig, tokenizer: PreTrainedTokenizerFast,
+                seed: int = 0) -> LlavaForConditionalGeneration:
     """A randomly initialised `LlavaForConditionalGeneration` (seeded), fp32, with generation defaults set."""
     vision = CLIPVisionConfig(
         hidden_size=cfg.vision_width, intermediate_size=4 * cfg.vision_width, num_hidden_layers=cfg.vision_layers,
