@@ -19,7 +19,7 @@ from pipeline.clip_encoder import ClipEncoder, checkpoint_fingerprint
 from pipeline.embed import (pool_embedding_table, positive_embedding_table, prompt_embedding_table,
                            quarantine_non_finite)
 from pipeline.fingerprint import fingerprint, text_id
-from pipeline.parquet_io import is_current, read_metadata, write_parquet_atomic
+from pipeline.parquet_io import read_metadata, read_pair_if_current, write_pair
 from pipeline.paths import shard_file
 
 CHECKS = ("finite", "unit_norm", "one_row_per_input")
@@ -45,16 +45,14 @@ def _embedding_asset(name: str, folder: str, upstream: dg.AssetsDefinition, upst
         clip_fp = checkpoint_fingerprint(spec)
         fp = fingerprint(name, read_metadata(src)["fingerprint"], clip_fp)
         inputs = pl.read_parquet(src)
-        if is_current(out, fp) and is_current(qout, fp):
+        if (pair := read_pair_if_current(out, qout, fp)) is not None:
             context.log.info(f"{out} is current (same inputs and CLIP); not re-embedding")
-            table, quarantine = pl.read_parquet(out), pl.read_parquet(qout)
+            table, quarantine = pair
         else:
             encoder = ClipEncoder(spec)
             table, quarantine = quarantine_non_finite(
                 build(encoder, inputs, batch_size=clip.batch_size, progress=True), folder)
-            # Quarantine first: a shard whose table exists always has its quarantine beside it.
-            write_parquet_atomic(quarantine, qout, {"fingerprint": fp, "clip": clip_fp})
-            write_parquet_atomic(table, out, {"fingerprint": fp, "clip": clip_fp, "dim": encoder.dim})
+            write_pair(table, quarantine, out, qout, {"fingerprint": fp, "clip": clip_fp, "dim": encoder.dim})
         if quarantine.height:
             context.log.warning(f"shard {context.partition_key}: {quarantine.height} {folder} embeddings are NaN or "
                                 f"inf and were quarantined to {qout}; the CLIP checkpoint looks broken")

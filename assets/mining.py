@@ -53,33 +53,49 @@ def pool_index(context: dg.AssetExecutionContext, config: IndexConfig, data_root
     root = data_root.root()
     files = _all_shards(root / "embeddings" / "pool", "pool_embeddings")
     fp = fingerprint("pool_index", [read_metadata(f)["fingerprint"] for f in files], config.model_dump())
-    table_path, index_path = root / "index" / "pool.parquet", root / "index" / "pool.faiss"
-    pool = pl.concat([pl.read_parquet(f) for f in files]) if not is_current(table_path, fp) else \
-        pl.read_parquet(table_path)
+    table_path, index_path, info_path = (root / "index" / n for n in ("pool.parquet", "pool.faiss", "pool.json"))
+    if is_current(table_path, fp) and index_path.exists() and info_path.exists() and \
+            json.loads(info_path.read_text()).get("fingerprint") == fp:
+        context.log.info(f"{index_path} is current (same pool embeddings and config); not rebuilding")
+        info = json.loads(info_path.read_text())
+        return dg.MaterializeResult(metadata=_index_metadata(info, index_path))
+    pool = pl.concat([pl.read_parquet(f) for f in files])
     if pool.height == 0:
         raise ValueError("the pool is empty: every pool image was quarantined at ingest or embedding; see "
                          "<data root>/ingest/quarantine and embeddings/quarantine for the reasons")
     emb = pool["embedding"].to_numpy().astype(np.float32)
     index = build_index(emb, config.kind, nlist=config.nlist, nprobe=config.nprobe, hnsw_m=config.hnsw_m)
-    meta = {"dagster/row_count": pool.height, "kind": config.kind, "on_gpu": index.on_gpu,
-            "params": dg.MetadataValue.json(index.params), "path": dg.MetadataValue.path(str(index_path))}
+    info = {"kind": config.kind, "params": index.params, "fingerprint": fp, "rows": pool.height,
+            "on_gpu": index.on_gpu}
     if config.kind != "flat":
         exact = build_index(emb, "flat", use_gpu=False)
         sample = emb[np.random.default_rng(0).choice(len(emb), size=min(500, len(emb)), replace=False)]
-        meta["recall_at_64_vs_exact"] = recall_at_m(index, exact, sample, min(64, len(emb)))
+        info["recall_at_64_vs_exact"] = recall_at_m(index, exact, sample, min(64, len(emb)))
     write_parquet_atomic(pool, table_path, {"fingerprint": fp})
     cpu_index = faiss.index_gpu_to_cpu(index.index) if index.on_gpu else index.index
     write_bytes_atomic(faiss.serialize_index(cpu_index).tobytes(), index_path)
-    write_bytes_atomic(json.dumps({"kind": config.kind, "params": index.params, "fingerprint": fp}).encode(),
-                       root / "index" / "pool.json")
-    return dg.MaterializeResult(metadata=meta)
+    write_bytes_atomic(json.dumps(info).encode(), info_path)  # last: it vouches for the two files above
+    return dg.MaterializeResult(metadata=_index_metadata(info, index_path))
 
 
-def load_pool(root) -> tuple[PoolTable, PoolIndex, str]:
+def _index_metadata(info: dict, index_path) -> dict:
+    meta = {"dagster/row_count": info["rows"], "kind": info["kind"], "on_gpu": info["on_gpu"],
+            "params": dg.MetadataValue.json(info["params"]), "path": dg.MetadataValue.path(str(index_path))}
+    if "recall_at_64_vs_exact" in info:
+        meta["recall_at_64_vs_exact"] = info["recall_at_64_vs_exact"]
+    return meta
+
+
+def load_pool_table(root) -> tuple[PoolTable, str]:
+    """The pool in index order and the pool index's fingerprint (no FAISS index: scoring needs only the table)."""
+    info = json.loads((root / "index" / "pool.json").read_text())
+    return PoolTable.from_frame(pl.read_parquet(root / "index" / "pool.parquet")), info["fingerprint"]
+
+
+def load_pool_index(root) -> PoolIndex:
     info = json.loads((root / "index" / "pool.json").read_text())
     index = faiss.deserialize_index(np.frombuffer((root / "index" / "pool.faiss").read_bytes(), dtype=np.uint8))
-    return (PoolTable.from_frame(pl.read_parquet(root / "index" / "pool.parquet")),
-            PoolIndex(index=index, kind=info["kind"], on_gpu=False, params=info["params"]), info["fingerprint"])
+    return PoolIndex(index=index, kind=info["kind"], on_gpu=False, params=info["params"])
 
 
 class CandidatesConfig(dg.Config):
@@ -101,7 +117,7 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
     key = context.partition_key
     examples_path = shard_file(root / "ingest" / "examples", key)
     positives_path = shard_file(root / "embeddings" / "positives", key)
-    pool, index, pool_fp = load_pool(root)
+    pool, pool_fp = load_pool_table(root)
     cfg = MiningConfig(m=config.m, dup_threshold=config.dup_threshold, rank_min=config.rank_min)
     out = shard_file(root / "mining" / "candidates", key)
     fp = fingerprint("candidates", pool_fp, read_metadata(positives_path)["fingerprint"], config.model_dump())
@@ -114,7 +130,8 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
     if is_current(out, fp):
         table = pl.read_parquet(out)
     else:
-        table, warnings = candidate_table(examples, pl.read_parquet(positives_path), pool, index, cfg)
+        table, warnings = candidate_table(examples, pl.read_parquet(positives_path), pool, load_pool_index(root),
+                                          cfg)
         write_parquet_atomic(table, out, {"fingerprint": fp, "m": config.m})
     for w in warnings:
         context.log.warning(w)
@@ -177,13 +194,13 @@ def preference_shards(context: dg.AssetExecutionContext, config: MiningRunConfig
                      read_metadata(files["prompts"])["fingerprint"], sha256_file(sae_dir / "sae.safetensors"),
                      dataclasses.asdict(cfg))
     out = shard_file(root / "shards", key)
-    pool, _, _ = load_pool(root)
-    examples = pl.read_parquet(files["examples"])
     if is_current(out, fp):
         context.log.info(f"{out} is current; not re-mining")
         table, stats = pl.read_parquet(out), None
     else:
-        table, stats = mine_shard(examples, pl.read_parquet(files["candidates"]), pl.read_parquet(files["positives"]),
+        pool, _ = load_pool_table(root)
+        table, stats = mine_shard(pl.read_parquet(files["examples"]), pl.read_parquet(files["candidates"]),
+                                  pl.read_parquet(files["positives"]),
                                   pl.read_parquet(files["prompts"]), pool, SparseAutoencoder.load(sae_dir), cfg,
                                   shard_seed=shard, progress=True)
         write_parquet_atomic(table, out, {"fingerprint": fp, "config": dataclasses.asdict(cfg),

@@ -12,7 +12,7 @@ from assets.resources import DataRoot, DataSource
 from pipeline.column_mapping import ColumnMapping
 from pipeline.fingerprint import fingerprint, sha256_file
 from pipeline.ingest import IngestLimits, IngestResult, ingest_examples, ingest_pool
-from pipeline.parquet_io import is_current, read_metadata, write_parquet_atomic
+from pipeline.parquet_io import read_metadata, read_pair_if_current, write_pair
 from pipeline.paths import shard_file
 from world import PRESETS, generate_world
 
@@ -60,20 +60,18 @@ def _ingest_metadata(result, out_path) -> dict:
 
 def _ingest_or_reuse(context, fp: str, out, qout, run) -> IngestResult:
     """Run the ingest unless both outputs were already written from the same inputs (resume)."""
-    if is_current(out, fp) and is_current(qout, fp):
+    if (pair := read_pair_if_current(out, qout, fp)) is not None:
         context.log.info(f"shard {context.partition_key}: inputs unchanged, reusing {out}")
-        return IngestResult(pl.read_parquet(out), pl.read_parquet(qout), int(read_metadata(out)["rows_in"]))
+        return IngestResult(*pair, int(read_metadata(out)["rows_in"]))
     result = run()
-    # Quarantine first: a shard whose rows file exists always has its quarantine beside it.
-    write_parquet_atomic(result.quarantine, qout, {"fingerprint": fp})
-    write_parquet_atomic(result.rows, out, {"fingerprint": fp, "rows_in": result.rows_in})
+    write_pair(result.rows, result.quarantine, out, qout, {"fingerprint": fp, "rows_in": result.rows_in})
     return result
 
 
 def _pool_listing_fingerprint(pool_dir) -> str:
     """Cheap identity of a folder: names, sizes and modification times (content is hashed at ingest)."""
-    entries = sorted((str(p.relative_to(pool_dir)), p.stat().st_size, p.stat().st_mtime_ns)
-                     for p in pool_dir.rglob("*") if p.is_file())
+    entries = sorted((str(p.relative_to(pool_dir)), st.st_size, st.st_mtime_ns)
+                     for p in pool_dir.rglob("*") if p.is_file() and (st := p.stat()))
     return fingerprint(entries)
 
 

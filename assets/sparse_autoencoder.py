@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 
 from assets.metadata import markdown_table
-from assets.mining import _all_shards, candidates, load_pool
+from assets.mining import _all_shards, candidates, load_pool_table
 from assets.resources import DataRoot, DataSource
 from pipeline.fingerprint import fingerprint
 from pipeline.mine import training_pairs
@@ -46,7 +46,7 @@ class SaeTrainingConfig(dg.Config):
 
 
 def _pairs(root, per_example: int, seed: int) -> tuple[np.ndarray, np.ndarray, pl.DataFrame, list[str]]:
-    pool, _, _ = load_pool(root)
+    pool, _ = load_pool_table(root)
     rng = np.random.default_rng(seed)
     us, ts, ids, fps = [], [], [], []
     cand_files = _all_shards(root / "mining" / "candidates", "candidates")

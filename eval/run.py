@@ -33,7 +33,7 @@ import transformers
 from PIL import Image
 from tqdm.auto import tqdm
 
-from eval.metrics import ANSWER_RULES, LEVELS, caption_stats, chair_metrics, pope_metrics, prior_hallucinations, \
+from eval.metrics import ANSWER_RULES, LEVELS, chair_metrics, pope_metrics, prior_hallucinations, \
     resolve_answer
 from eval.pope_reader import read_pope
 from eval.pope_world import PROBE_LEVELS, SETTINGS, build_probes, object_stats

@@ -84,3 +84,17 @@ def write_bytes_atomic(data: bytes, path: Path) -> Path:
 
 def write_json_atomic(obj: object, path: Path) -> Path:
     return write_bytes_atomic((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), path)
+
+
+def read_pair_if_current(rows_path: Path, quarantine_path: Path, fingerprint: str):
+    """(rows, quarantine) when both files were written from inputs with this fingerprint, else None."""
+    if is_current(rows_path, fingerprint) and is_current(quarantine_path, fingerprint):
+        return pl.read_parquet(rows_path), pl.read_parquet(quarantine_path)
+    return None
+
+
+def write_pair(rows: pl.DataFrame, quarantine: pl.DataFrame, rows_path: Path, quarantine_path: Path,
+               metadata: Mapping[str, object]) -> None:
+    """A table and its quarantine, quarantine first: a rows file that exists always has its quarantine beside it."""
+    write_parquet_atomic(quarantine, quarantine_path, metadata)
+    write_parquet_atomic(rows, rows_path, metadata)

@@ -11,6 +11,7 @@ tensorboard/, checkpoints/ (exact resume), final/ (save_pretrained)."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import time
@@ -263,8 +264,8 @@ def _precompute(cache: RefCache, examples: list[dict], loss_cfg, cfg: TrainConfi
 def _concat_rows(parts):
     from trainer.rows import Rows
 
-    fields = {f: sum((getattr(p, f) for p in parts), []) for f in ("images", "prompts", "responses", "example_ids",
-                                                                   "keys")}
+    fields = {f: list(itertools.chain.from_iterable(getattr(p, f) for p in parts))
+              for f in ("images", "prompts", "responses", "example_ids", "keys")}
     empty = torch.zeros(0, dtype=torch.long)
     return Rows(**fields, chosen=empty, rejected=empty, neg=empty.view(0, 0))
 
