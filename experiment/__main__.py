@@ -1,0 +1,5 @@
+import sys
+
+from experiment.run import main
+
+sys.exit(main())

@@ -1,0 +1,87 @@
+"""What `make experiment` and `make ablations` train: the conditions, as trainer presets plus overrides.
+
+Every trained condition starts from the same base model, sees the same examples in the same order for the same
+number of steps (the order is a function of the seed, shared by all conditions of a seed) and carries the same
+SFT term (`sft_weight`): the `sft` control is that run with every preference term off, so a difference between
+a preset and the control is the preference terms' doing and not more supervised training (WORLD.md, "Measured").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+SHARD_SETS = ("greedy", "similarity", "random", "greedy_image")
+"""Mined shard sets: the selection rule (`greedy` SAE score + diversity, `similarity` top-K CLIP, `random`) and
+`greedy_image`, greedy with an SAE trained in the image space instead of the fused one."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One arm of the experiment."""
+
+    name: str
+    """Row label of the report, e.g. `misp`, `K=5`."""
+    preset: str | None
+    """Trainer loss preset (trainer.losses.PRESETS, plus `sft`); None: the base model, not trained."""
+    loss: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the preset's LossConfig."""
+    shards: str = "greedy"
+    """Which mined shard set the run reads (SHARD_SETS)."""
+    group: str = "main"
+    """Report section: `main` or the ablation's name."""
+
+    def __post_init__(self) -> None:
+        if self.shards not in SHARD_SETS:
+            raise ValueError(f"condition {self.name!r}: shards={self.shards!r} is not one of {SHARD_SETS}")
+
+    def run_key(self) -> str:
+        """What identifies the training run (name and group excluded): conditions of two groups that train the
+        same thing share one run."""
+        if self.preset is None:
+            return "base"
+        return json.dumps({"preset": self.preset, "loss": self.loss, "shards": self.shards}, sort_keys=True)
+
+    def with_group(self, group: str, name: str | None = None) -> "Condition":
+        return Condition(name or self.name, self.preset, dict(self.loss), self.shards, group)
+
+
+MAIN: tuple[Condition, ...] = (
+    Condition("base", None),
+    Condition("sft", "sft"),
+    Condition("dpo", "dpo"),
+    Condition("mdpo", "mdpo"),
+    Condition("chip", "chip"),
+    Condition("random_multi", "random_multi", shards="random"),
+    Condition("misp", "misp"),
+    Condition("misp_is", "misp", {"is_mode": "learned", "k_prime": 4}),
+)
+CONTROL = "sft"
+BASELINE = "base"
+
+
+def ablations(pool_size: int) -> tuple[Condition, ...]:
+    """The ablation grid of issue 7 around `misp` (K = 3, greedy, fused SAE space, beta 0.5, no IS).
+    `pool_size`: candidates per example in the shards, the "full pool" the IS arms are compared with."""
+    misp = next(c for c in MAIN if c.name == "misp")
+    out = [Condition(f"K={k}", "misp", {"num_negatives": k}, group="K") for k in (1, 2, 3, 5, 8)]
+    out += [misp.with_group("rule", "greedy (SAE + diversity)"),
+            Condition("similarity (top-K CLIP)", "misp", {"shard_rule": "similarity"}, "similarity", "rule"),
+            next(c for c in MAIN if c.name == "random_multi").with_group("rule", "random")]
+    out += [misp.with_group("sae_space", "fused"),
+            Condition("image", "misp", {}, "greedy_image", "sae_space")]
+    out += [Condition(f"beta={b}", "misp", {"beta": b}, group="beta") for b in (0.1, 0.5, 1.0)]
+    out += [Condition(f"IS K'={k}", "misp", {"is_mode": "fixed", "k_prime": k}, group="is") for k in (2, 4, 8)]
+    out += [Condition(f"full pool ({pool_size})", "misp", {"num_negatives": pool_size}, group="is")]
+    return tuple(out)
+
+
+def train_overrides(cond: Condition, sft_weight: float) -> dict[str, Any]:
+    """The TrainConfig `preset` and `loss` of a trained condition (the shared SFT term added)."""
+    if cond.preset is None:
+        raise ValueError(f"condition {cond.name!r} is the untrained base model")
+    loss = {**cond.loss}
+    if cond.preset != "sft":
+        loss.setdefault("sft_weight", sft_weight)
+    return {"preset": cond.preset, "loss": loss}

@@ -1,0 +1,372 @@
+"""`python -m experiment`: the experiment of issue 7, end to end, resumable.
+
+    python -m experiment                      # main conditions x 3 seeds -> reports/experiment.md  (make experiment)
+    python -m experiment --ablations          # the ablation grid          -> reports/ablations.md  (make ablations)
+    python -m experiment --quick --out /tmp/x # minutes: the tiny prior world, 2 seeds, a few steps (CI)
+
+Stages, each skipped when its output is current: the scene world of the language-prior regime and its mining
+chain (the Dagster assets, on the instance in $DAGSTER_HOME or an ephemeral one), the shard sets the conditions
+need (selection rules, SAE space) copied under `<root>/shard_sets/`, the base model (language pretraining, then
+a short image fine-tuning), then per condition and seed a training run and its evaluation, then the report.
+Work lives under `<data root>/experiment/<world preset>/`; a run whose config, base model and shards are
+unchanged is not redone. docs/experiment.md has the design.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from experiment.conditions import BASELINE, CONTROL, MAIN, Condition, ablations, train_overrides
+from experiment.report import format_console, write_report
+from pipeline.fingerprint import fingerprint, sha256_file
+from pipeline.parquet_io import write_bytes_atomic, write_json_atomic
+from pipeline.paths import data_root
+
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """The budget and data of one experiment; every condition shares it."""
+
+    world_preset: str = "prior"
+    """Scene world preset (world.PRESETS); `prior` is the language-prior regime."""
+    base_preset: str = "prior"
+    """Base model preset (trainer.base_model.BASE_PRESETS)."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Training seeds: init of on-the-fly negatives and IS draws, and the batch order (shared by conditions)."""
+    steps: int = 150
+    """Optimiser steps per run."""
+    batch_size: int = 8
+    """Examples per step."""
+    lr: float = 1e-4
+    """Peak learning rate (warmup then cosine)."""
+    warmup_steps: int = 10
+    sft_weight: float = 1.0
+    """Weight of the SFT term every condition carries (the `sft` control has only that term)."""
+    max_length: int = 96
+    """Tokens per row."""
+    candidates: int = 16
+    """Candidate pool per example (mining `m`): what IS samples from and the `full pool` ablation forwards."""
+    eval_limit: int | None = 300
+    """Test scenes evaluated (captions + POPE probes); None: all."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds={self.seeds}: give one or more distinct seeds")
+        if self.steps < 1 or self.batch_size < 1 or self.candidates < 2:
+            raise ValueError("steps and batch_size must be >= 1 and candidates >= 2")
+
+
+QUICK = ExperimentConfig(world_preset="prior_tiny", base_preset="prior_tiny", seeds=(0, 1), steps=3, batch_size=4,
+                         warmup_steps=1, candidates=8, eval_limit=12)
+"""CI: the tiny prior world, a handful of steps; checks the machinery, measures nothing."""
+
+
+@dataclass
+class Context:
+    cfg: ExperimentConfig
+    root: Path
+    """Everything this experiment writes (besides the report): <data root>/experiment/<world preset>."""
+    progress: bool = True
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def world_dir(self) -> Path:
+        return self.root / "world" / f"{self.cfg.world_preset}-seed0"
+
+    @property
+    def base_dir(self) -> Path:
+        return self.root / "models" / f"base-{self.cfg.base_preset}"
+
+    def shard_set(self, name: str) -> Path:
+        return self.root / "shard_sets" / name
+
+
+# ---------------------------------------------------------------------------------------------- mining
+def _env(ctx: Context) -> dict[str, str]:
+    return {**os.environ, "MISP_DATA_ROOT": str(ctx.root), "MISP_SOURCE": "world",
+            "MISP_WORLD_PRESET": ctx.cfg.world_preset, "MISP_WORLD_SEED": "0"}
+
+
+def _set_recipes(cfg: ExperimentConfig) -> dict[str, dict[str, dict]]:
+    """Shard set -> the asset configs that mine it. K = m: the shards list every candidate in selection order,
+    so a run that uses K negatives takes the first K (greedy order is prefix-consistent), and `full pool`
+    takes them all."""
+    mining = {"k": cfg.candidates}
+    return {
+        "greedy": {"sae": {"space": "fused"}, "preference_shards": {**mining, "rule": "greedy"}},
+        "similarity": {"sae": {"space": "fused"}, "preference_shards": {**mining, "rule": "similarity"}},
+        "random": {"sae": {"space": "fused"}, "preference_shards": {**mining, "rule": "random"}},
+        "greedy_image": {"sae": {"space": "image"}, "preference_shards": {**mining, "rule": "greedy"}},
+    }
+
+
+def _stamp(ctx: Context, recipe: dict) -> str:
+    return fingerprint(recipe, ctx.cfg.candidates, sha256_file(ctx.world_dir / "world.json"))
+
+
+def _is_current(ctx: Context, name: str, recipe: dict) -> bool:
+    folder = ctx.shard_set(name)
+    try:
+        return (ctx.world_dir / "world.json").is_file() and (folder / "manifest.json").is_file() and \
+            json.loads((folder / "stamp.json").read_text())["stamp"] == _stamp(ctx, recipe)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _copy_shards(ctx: Context, name: str, recipe: dict) -> None:
+    """Copy <root>/shards into the named set; the stamp is written last, so a half copy is never current."""
+    src, dst = ctx.root / "shards", ctx.shard_set(name)
+    tmp = dst.with_name(f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.tmp", ".*"))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    write_json_atomic({"stamp": _stamp(ctx, recipe), "recipe": recipe}, dst / "stamp.json")
+
+
+def prepare_shards(ctx: Context, needed: Sequence[str], instance=None) -> None:
+    """Generate the world, run the mining chain, and mine each needed shard set (skipping current ones)."""
+    recipes = _set_recipes(ctx.cfg)
+    todo = [n for n in dict.fromkeys(needed) if not _is_current(ctx, n, recipes[n])]
+    if not todo:
+        return
+    import dagster as dg
+
+    from assets.resources import resources_from_env
+    from assets.run_pipeline import MINE_STAGES, run_stages
+
+    if instance is None:
+        instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    resources = resources_from_env(_env(ctx))
+    base_cfg = {"candidates": {"m": ctx.cfg.candidates}}
+    first = True
+    # Fused-space sets first: the image-space SAE replaces the fused one in <root>/models/sae.
+    for name in sorted(todo, key=lambda n: recipes[n]["sae"]["space"] != "fused"):
+        t0 = time.perf_counter()
+        configs = {**base_cfg, **recipes[name]}
+        stages = None if first else [s for s in MINE_STAGES if s[0] != ["pool_index"] and s[0] != ["candidates"]]
+        done = run_stages("shards", instance=instance, resources=resources, configs=configs, stages=stages)
+        if not done or not done[-1][1].success:
+            raise RuntimeError(f"mining the {name!r} shard set failed at {done[-1][0] if done else '?'}; see the "
+                               "Dagster logs above (or in the UI), fix the cause and rerun: finished work is kept")
+        first = False
+        _copy_shards(ctx, name, recipes[name])
+        ctx.timings[f"mine {name}"] = time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------- base model
+def prepare_base(ctx: Context) -> dict[str, Any]:
+    from trainer.base_model import BASE_PRESETS, format_report, train_base_model
+
+    t0 = time.perf_counter()
+    report = train_base_model(ctx.world_dir, ctx.base_dir, BASE_PRESETS[ctx.cfg.base_preset], progress=ctx.progress)
+    ctx.timings["base model"] = time.perf_counter() - t0
+    print(format_report(report), flush=True)
+    return report.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def _slug(cond: Condition) -> str:
+    if cond.preset is None:
+        return "base"
+    digest = hashlib.sha1(cond.run_key().encode()).hexdigest()[:8]
+    return f"{cond.preset}-{cond.shards}-{digest}"
+
+
+def _train_config(ctx: Context, cond: Condition, seed: int, out: Path):
+    from trainer.config import TrainConfig
+
+    c = ctx.cfg
+    return TrainConfig(run_name=out.name, **train_overrides(cond, c.sft_weight), model=str(ctx.base_dir),
+                       shards=str(ctx.shard_set(cond.shards)), data_root=str(ctx.root), output_dir=str(out),
+                       max_steps=c.steps, batch_size=c.batch_size, lr=c.lr, warmup_steps=c.warmup_steps,
+                       max_length=c.max_length, save_every=c.steps, keep_checkpoints=1, seed=seed)
+
+
+def _final_metrics(metrics_file: Path, last: int = 20) -> tuple[dict[str, float], dict[str, Any]]:
+    """(mean of each loss metric over the last `last` steps, the last row)."""
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    tail = rows[-last:]
+    keys = sorted({k for r in tail for k in r} - {"step", "lr", "epoch", "forward_rows", "seconds"})
+    return {k: sum(r[k] for r in tail if k in r) / sum(k in r for r in tail) for k in keys}, rows[-1]
+
+
+def flatten_eval(result: dict[str, Any]) -> dict[str, float | None]:
+    """The report's metrics from an eval/run.py result (fractions; None where undefined)."""
+    out: dict[str, float | None] = {}
+    chair = result.get("chair") or {}
+    for level in ("object", "shape"):
+        lv = chair.get("levels", {}).get(level)
+        if lv:
+            out[f"chair_i_{level}"], out[f"chair_s_{level}"] = lv["chair_i"], lv["chair_s"]
+            out[f"recall_{level}"] = lv["recall"]
+    if "object" in chair.get("levels", {}):
+        lv = chair["levels"]["object"]
+        out.update(mentions_per_caption=lv["mentions_per_caption"], well_formed=lv["well_formed"], empty=lv["empty"])
+    prior = chair.get("prior") or {}
+    if prior.get("pairs"):
+        out.update(prior_chair_i=prior["chair_i"], prior_rate=prior["rate"], prior_share=prior["share"])
+    for setting, m in (result.get("pope") or {}).items():
+        for k in ("accuracy", "f1", "yes_ratio", "precision", "recall"):
+            out[f"pope_{setting}_{k}"] = m.get(k)
+    return out
+
+
+def run_one(ctx: Context, cond: Condition, seed: int) -> dict[str, Any]:
+    """Train (unless base) and evaluate one condition and seed; reuse a current result."""
+    from eval.run import EvalConfig, evaluate_model
+    from trainer.ref_cache import model_fingerprint
+
+    run_dir = ctx.root / "runs" / (f"{_slug(cond)}-seed{seed}" if cond.preset else "base")
+    eval_cfg = EvalConfig(limit=ctx.cfg.eval_limit, progress=ctx.progress)
+    shards_fp = sha256_file(ctx.shard_set(cond.shards) / "manifest.json") if cond.preset else ""
+    tcfg = _train_config(ctx, cond, seed, run_dir) if cond.preset else None
+    fp = fingerprint(RECORD_VERSION, tcfg.to_dict() if tcfg else None, model_fingerprint(ctx.base_dir), shards_fp,
+                     eval_cfg.to_dict(), sha256_file(ctx.world_dir / "world.json"))
+    result_file = run_dir / "result.json"
+    try:
+        saved = json.loads(result_file.read_text())
+        if saved.get("fingerprint") == fp:
+            return saved["record"]
+    except (OSError, ValueError):
+        pass
+    train_info = None
+    model_dir = ctx.base_dir
+    if tcfg is not None:
+        from trainer.train import train
+
+        shutil.rmtree(run_dir, ignore_errors=True)  # a stale or half-finished run of another config
+        t0 = time.perf_counter()
+        model_dir = train(tcfg, progress=ctx.progress)
+        wall = time.perf_counter() - t0
+        final, last = _final_metrics(run_dir / "metrics.jsonl")
+        ref = json.loads((run_dir / "reference.json").read_text()) if (run_dir / "reference.json").is_file() else {}
+        train_info = {"seconds": last["seconds"], "forward_rows": last["forward_rows"], "steps": last["step"],
+                      "reference_rows": ref.get("rows_needed"), "wall_seconds": wall, "final": final}
+    t1 = time.perf_counter()
+    result = evaluate_model(model_dir, ctx.world_dir, out=run_dir / "eval.json", config=eval_cfg)
+    record = {"condition": cond.name, "group": cond.group, "seed": seed, "train": train_info,
+              "eval": flatten_eval(result), "eval_seconds": time.perf_counter() - t1}
+    write_json_atomic({"fingerprint": fp, "record": record}, result_file)
+    return record
+
+
+def plan(with_main: bool, with_ablations: bool, cfg: ExperimentConfig) -> list[Condition]:
+    conds = list(MAIN) if with_main else []
+    if with_ablations:
+        conds += list(ablations(cfg.candidates))
+    return conds
+
+
+def run_experiment(cfg: ExperimentConfig, conditions: Sequence[Condition], out_md: Path, *, title: str,
+                   root: Path | None = None, progress: bool = True, instance=None) -> list[dict[str, Any]]:
+    """Everything: shards, base model, runs, report. Returns the records."""
+    t_start = time.perf_counter()
+    root = Path(root) if root else data_root() / "experiment" / cfg.world_preset
+    ctx = Context(cfg, root, progress)
+    prepare_shards(ctx, [c.shards for c in conditions if c.preset], instance=instance)
+    if not ctx.world_dir.is_dir():  # only the base model is asked for: still needs the world
+        from world import generate_world, preset
+
+        generate_world(preset(cfg.world_preset), ctx.world_dir, progress=progress)
+    base = prepare_base(ctx)
+    records: list[dict[str, Any]] = []
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    seeds_of = {c.name: (cfg.seeds[:1] if c.preset is None else cfg.seeds) for c in conditions}
+    for i, cond in enumerate(conditions, 1):
+        for seed in seeds_of[cond.name]:
+            key = (cond.run_key(), seed)
+            print(f"\n=== [{i}/{len(conditions)}] {cond.group}: {cond.name}, seed {seed}", flush=True)
+            if key not in runs:
+                t0 = time.perf_counter()
+                runs[key] = run_one(ctx, cond, seed)
+                ctx.timings[f"run {cond.name} s{seed}"] = time.perf_counter() - t0
+            records.append({**runs[key], "condition": cond.name, "group": cond.group, "seed": seed})
+    out_md = Path(out_md)
+    results = out_md.with_suffix(".results.jsonl")
+    write_bytes_atomic("".join(json.dumps(r) + "\n" for r in records).encode(), results)
+    total = time.perf_counter() - t_start
+    write_report(records, out_md, out_md.parent / out_md.stem, title=title, control=CONTROL, baseline=BASELINE,
+                 preamble=preamble(cfg, base, ctx, total, results))
+    print("\n" + format_console(records))
+    print(f"\nreport: {out_md}  (results: {results}; {total / 60:.1f} min)")
+    return records
+
+
+def preamble(cfg: ExperimentConfig, base: dict[str, Any], ctx: Context, total: float, results: Path) -> str:
+    from world import preset
+
+    w = preset(cfg.world_preset)
+    cap = base.get("caption", {})
+    lines = [
+        f"Generated by `python -m experiment` on {time.strftime('%Y-%m-%d')} "
+        f"({platform.machine()}, {os.cpu_count()} CPU cores, no GPU unless stated); every number below comes "
+        f"from `{results.name}` beside this file. Total wall-clock of this invocation: {total / 60:.1f} min "
+        "(stages already current were reused, not redone).",
+        "",
+        "**Setup.** World preset `{p}`: {n_pool} pool / {n_train} train / {n_test} test scenes, shapes {shapes}, "
+        "co-occurrence pairs {pairs} (trigger -> partner) at p = {tp} in the {n_text}-caption text corpus, "
+        "p = {ip} in the image data, none in the test split. Base model `{bp}`: {text_steps} language-pretraining "
+        "steps on the text corpus, then {steps} image fine-tuning steps; its caption accuracy: shape {shape:.1%}, "
+        "colour {colour:.1%}, count {count:.1%}.".format(
+            p=cfg.world_preset, n_pool=w.n_pool, n_train=w.n_train, n_test=w.n_test, shapes=", ".join(w.shapes),
+            pairs=", ".join(f"{a} -> {b}" for a, b in w.cooccur_pairs), tp=w.text_cooccur_p, n_text=w.n_text,
+            ip=w.cooccur_p, bp=cfg.base_preset, text_steps=base["config"]["text_steps"],
+            steps=base["config"]["steps"], shape=cap.get("shape", float("nan")),
+            colour=cap.get("colour", float("nan")), count=cap.get("count", float("nan"))),
+        "",
+        f"**Budget.** Every trained condition: {cfg.steps} steps x {cfg.batch_size} examples, lr {cfg.lr}, the same "
+        f"batch order per seed (seeds {', '.join(map(str, cfg.seeds))}), the same SFT term (weight "
+        f"{cfg.sft_weight}); the `sft` control has only that term. Mined pool m = {cfg.candidates} candidates per "
+        f"example; evaluation on {cfg.eval_limit or 'all'} test scenes with greedy decoding.",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiment", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--quick", action="store_true", help="the tiny prior world, 2 seeds, 3 steps (CI)")
+    ap.add_argument("--ablations", action="store_true", help="the ablation grid instead of the main conditions")
+    ap.add_argument("--all", action="store_true", help="main conditions and ablations")
+    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1)")
+    ap.add_argument("--steps", type=int, default=None, help="override the optimiser steps per run")
+    ap.add_argument("--out", default=None, help="report path (default reports/experiment.md or "
+                                                 "reports/ablations.md; --quick: <data root>/experiment/quick.md)")
+    ap.add_argument("--root", default=None, help="work folder (default <data root>/experiment/<world preset>)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = QUICK if args.quick else ExperimentConfig()
+    if args.seeds is not None:
+        cfg = dataclasses.replace(cfg, seeds=tuple(range(args.seeds)))
+    if args.steps is not None:
+        cfg = dataclasses.replace(cfg, steps=args.steps)
+    main_part = not args.ablations or args.all
+    conds = plan(main_part, args.ablations or args.all, cfg)
+    name = "experiment" if main_part and not args.ablations else ("ablations" if not args.all else "experiment")
+    out = Path(args.out) if args.out else (data_root() / "experiment" / "quick.md" if args.quick
+                                           else Path("reports") / f"{name}.md")
+    title = ("MISP-DPO against its baselines on the scene world" if main_part else "MISP-DPO ablations")
+    run_experiment(cfg, conds, out, title=title + (" (quick mode: checks the machinery, measures nothing)"
+                                                    if args.quick else ""),
+                   root=Path(args.root) if args.root else None, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

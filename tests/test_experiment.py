@@ -1,0 +1,161 @@
+"""The language-prior regime (text corpus, language pretraining) and `python -m experiment --quick` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from experiment.conditions import MAIN, ablations, train_overrides
+from experiment.report import load_records
+from experiment.run import QUICK, flatten_eval, plan, run_experiment
+from trainer.base_model import BASE_PRESETS, train_base_model
+from world import PRESETS, generate_world, preset
+from world.generate import read_scenes
+
+
+@pytest.fixture(scope="module")
+def prior_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prior") / "world"
+    generate_world(preset("prior_tiny"), root, progress=False)
+    return root
+
+
+def _partner_rate(scenes_shapes, pairs) -> float:
+    """P(partner present | trigger present), over every pair."""
+    hits = total = 0
+    for shapes in scenes_shapes:
+        for trigger, partner in pairs:
+            if trigger in shapes:
+                total += 1
+                hits += partner in shapes
+    return hits / total
+
+
+def test_text_corpus_carries_the_stronger_prior(prior_world):
+    cfg = preset("prior_tiny")
+    texts = pl.read_parquet(prior_world / "texts.parquet")
+    assert texts.height == cfg.n_text and texts["scene_id"].n_unique() == cfg.n_text
+    pairs = cfg.cooccur_pairs
+    text_rate = _partner_rate([set(s) for s in texts["shapes"].to_list()], pairs)
+    scenes = read_scenes(prior_world)
+    test_rate = _partner_rate([s.shapes for sid, s in scenes.items() if sid.startswith("test")], pairs)
+    image_rate = _partner_rate([s.shapes for sid, s in scenes.items() if not sid.startswith("test")], pairs)
+    # text p = 0.95, image data p = 0.4, test split: chance only (a later pair's swap can undo an earlier one,
+    # hence a little under 0.95 in the text)
+    assert text_rate > 0.85 and text_rate > image_rate + 0.2 and image_rate > test_rate + 0.1
+    assert json.loads((prior_world / "world.json").read_text())["counts"]["text"] == cfg.n_text
+
+
+def test_worlds_from_before_the_text_corpus_stay_current():
+    # A world.json written before n_text existed has no such key; the same config must still compare equal.
+    assert "n_text" not in PRESETS["default"].to_dict() and "text_cooccur_p" not in PRESETS["default"].to_dict()
+    assert PRESETS["prior"].to_dict()["n_text"] == 20000
+
+
+def test_text_corpus_settings_are_validated():
+    with pytest.raises(ValueError, match="text_cooccur_p > 0 needs cooccur_pairs"):
+        preset("tiny", text_cooccur_p=0.5)
+    with pytest.raises(ValueError, match="n_text=-1"):
+        preset("tiny", n_text=-1)
+
+
+def test_language_pretraining_learns_the_corpus_before_images(prior_world, tmp_path):
+    report = train_base_model(prior_world, tmp_path / "base", BASE_PRESETS["prior_tiny"], progress=False)
+    assert len(report.text_losses) == BASE_PRESETS["prior_tiny"].text_steps
+    assert report.text_losses[-1] < report.text_losses[0]
+    assert report.train_rows["texts"] == preset("prior_tiny").n_text
+
+
+def test_language_pretraining_needs_a_text_corpus(tmp_path):
+    world = tmp_path / "w"
+    generate_world(preset("tiny"), world, progress=False)
+    with pytest.raises(FileNotFoundError, match="n_text > 0"):
+        train_base_model(world, tmp_path / "base", BASE_PRESETS["prior_tiny"], progress=False)
+
+
+def test_every_condition_carries_the_same_sft_term():
+    for cond in MAIN[1:] + ablations(16):
+        over = train_overrides(cond, sft_weight=0.7)
+        assert over["loss"].get("sft_weight", 1.0 if cond.preset == "sft" else None) == (
+            1.0 if cond.preset == "sft" else 0.7), cond
+    with pytest.raises(ValueError, match="untrained base"):
+        train_overrides(MAIN[0], 1.0)
+
+
+def test_flatten_eval_reads_the_eval_result():
+    result = {"chair": {"levels": {"object": {"chair_i": 0.5, "chair_s": 0.6, "recall": 0.7, "mentions_per_caption": 2.0,
+                                              "well_formed": 1.0, "empty": 0.0},
+                                   "shape": {"chair_i": 0.2, "chair_s": 0.3, "recall": 0.9}},
+                        "prior": {"pairs": [["circle", "square"]], "chair_i": 0.1, "rate": 0.25, "share": 0.5}},
+              "pope": {"adversarial": {"accuracy": 0.55, "f1": None, "yes_ratio": 0.3}}}
+    flat = flatten_eval(result)
+    assert flat["chair_i_object"] == 0.5 and flat["recall_shape"] == 0.9 and flat["prior_rate"] == 0.25
+    assert flat["pope_adversarial_f1"] is None and flat["well_formed"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiment")
+    out = root / "report" / "quick.md"
+    conds = plan(True, True, QUICK)
+    records = run_experiment(QUICK, conds, out, title="quick", root=root / "work", progress=False,
+                             instance=dg.DagsterInstance.ephemeral())
+    return root, out, conds, records
+
+
+def test_quick_experiment_reports_every_condition_and_seed(quick):
+    root, out, conds, records = quick
+    expected = {(c.group, c.name, s) for c in conds for s in (QUICK.seeds[:1] if c.preset is None else QUICK.seeds)}
+    assert {(r["group"], r["condition"], r["seed"]) for r in records} == expected
+    assert load_records(out.with_suffix(".results.jsonl")) == records
+    md = out.read_text()
+    for cond in conds:
+        assert f"| {cond.name} |" in md
+    for png in ("main_metrics.png", "cost.png", "ablation_K.png"):
+        assert (out.parent / "quick" / png).stat().st_size > 1000
+
+
+def test_quick_experiment_costs_follow_the_presets(quick):
+    _, _, _, records = quick
+    by = {(r["group"], r["condition"], r["seed"]): r for r in records}
+    examples = QUICK.steps * QUICK.batch_size
+    assert by[("main", "base", 0)]["train"] is None
+    # rows per example: sft 1 (chosen); dpo 2 (+ rejected); misp 2 + K = 3 negatives; full pool 2 + every candidate
+    assert by[("main", "sft", 0)]["train"]["forward_rows"] == examples
+    assert by[("main", "dpo", 0)]["train"]["forward_rows"] == 2 * examples
+    assert by[("main", "misp", 0)]["train"]["forward_rows"] == 5 * examples
+    full = next(r for k, r in by.items() if k[0] == "is" and k[1].startswith("full pool") and k[2] == 0)
+    assert full["train"]["forward_rows"] > by[("main", "misp", 0)]["train"]["forward_rows"]
+    # conditions that train the same thing in two groups share one run
+    assert by[("K", "K=3", 0)]["eval"] == by[("main", "misp", 0)]["eval"]
+    for r in records:
+        if r["train"]:
+            assert r["train"]["steps"] == QUICK.steps and r["train"]["reference_rows"] >= r["train"]["forward_rows"] \
+                / QUICK.steps / QUICK.batch_size
+
+
+def test_quick_experiment_mines_one_shard_set_per_rule_and_space(quick):
+    root, *_ = quick
+    sets = root / "work" / "shard_sets"
+    rules = {}
+    for name in ("greedy", "similarity", "random", "greedy_image"):
+        manifest = json.loads((sets / name / "manifest.json").read_text())
+        rules[name] = {s["config"]["rule"] for s in manifest["shards"]}
+        assert {s["config"]["k"] for s in manifest["shards"]} == {QUICK.candidates}
+    assert rules == {"greedy": {"greedy"}, "similarity": {"similarity"}, "random": {"random"},
+                     "greedy_image": {"greedy"}}
+    assert json.loads((sets / "greedy_image" / "stamp.json").read_text())["recipe"]["sae"]["space"] == "image"
+
+
+def test_quick_experiment_rerun_reuses_every_result(quick):
+    root, out, conds, records = quick
+    results = sorted((root / "work" / "runs").glob("*/result.json"))
+    before = {p: os.stat(p).st_mtime_ns for p in results}
+    again = run_experiment(QUICK, conds, out, title="quick", root=root / "work", progress=False,
+                           instance=dg.DagsterInstance.ephemeral())
+    assert again == records
+    assert {p: os.stat(p).st_mtime_ns for p in results} == before
