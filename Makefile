@@ -18,7 +18,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export DAGSTER_HOME
 export MISP_SHARDS := $(SHARDS)
 
-.PHONY: help venv test ui validate world embed mine base train eval bench clean-data clean-venv
+.PHONY: help venv test ui validate world embed mine base train eval experiment ablations bench clean-data clean-venv
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -71,6 +71,12 @@ eval: $(STAMP)  ## Hallucination benchmarks (POPE-style, CHAIR) of MODEL (defaul
 	@test -f $(WORLD_DIR)/world.json || $(MAKE) world
 	@test -f $(MODEL)/config.json || (echo "no model in $(MODEL): run 'make base' or give MODEL=<folder>" && exit 1)
 	$(PY) -m eval --model $(MODEL) --world $(WORLD_DIR) $(EVAL_ARGS)
+
+experiment: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## Base, SFT control and every preset x 3 seeds -> reports/experiment.md (EXPERIMENT_ARGS="--quick")
+	$(PY) -m experiment $(EXPERIMENT_ARGS)
+
+ablations: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## K, selection rule, SAE space, beta, IS K' vs full pool -> reports/ablations.md
+	$(PY) -m experiment --ablations $(EXPERIMENT_ARGS)
 
 bench: $(STAMP)  ## Run the benchmarks serially (tables printed, JSON under reports/bench/)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'

@@ -19,6 +19,9 @@ CLIP_PRESETS = {
     "tiny": WorldClipConfig(steps=30, batch_size=32, warmup_steps=5, eval_size=64),
     "default": WorldClipConfig(),
     "large": WorldClipConfig(steps=1500, batch_size=256, warmup_steps=100),
+    # The `prior` world is 48 px with large objects: one 16-px patch per grid cell.
+    "prior": WorldClipConfig(image_size=48, patch_size=16, steps=300),
+    "prior_tiny": WorldClipConfig(image_size=48, patch_size=16, steps=30, batch_size=32, warmup_steps=5, eval_size=64),
 }
 
 

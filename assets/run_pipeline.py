@@ -32,18 +32,25 @@ UNTIL = {"embeddings": EMBED_STAGES, "shards": EMBED_STAGES + MINE_STAGES}
 
 
 def run_stages(until: str = "shards", instance: dg.DagsterInstance | None = None,
-               resources: dict | None = None) -> list[tuple[str, dg.ExecuteInProcessResult]]:
-    """Materialise stage after stage; stops at the first failed run. Returns (label, result) per run."""
+               resources: dict | None = None, configs: dict[str, dict] | None = None,
+               stages: list[tuple[list[str], bool]] | None = None) -> list[tuple[str, dg.ExecuteInProcessResult]]:
+    """Materialise stage after stage; stops at the first failed run. Returns (label, result) per run.
+
+    `configs`: asset name -> its config (what the UI's launchpad takes), e.g. {"preference_shards": {"rule":
+    "random"}}. `stages`: the (assets, partitioned) runs to make instead of those of `until`."""
     instance = instance or dg.DagsterInstance.get()
     resources = resources or resources_from_env()
-    steps = [(sel, key) for sel, partitioned in UNTIL[until] for key in (shard_keys() if partitioned else [None])]
+    configs = configs or {}
+    plan = UNTIL[until] if stages is None else stages
+    steps = [(sel, key) for sel, partitioned in plan for key in (shard_keys() if partitioned else [None])]
     done = []
     for i, (selection, key) in enumerate(steps, 1):
         label = ", ".join(selection) + (f" [shard {key}]" if key else "")
         print(f"\n=== [{i}/{len(steps)}] {label}", flush=True)
         t0 = time.perf_counter()
+        run_config = {"ops": {name: {"config": configs[name]} for name in selection if name in configs}}
         result = dg.materialize(all_assets, selection=selection, partition_key=key, instance=instance,
-                                resources=resources, raise_on_error=False)
+                                resources=resources, raise_on_error=False, run_config=run_config)
         done.append((label, result))
         if not result.success:
             print(f"run {result.run_id} failed at {label}; see its logs in the UI (make ui) or above. "

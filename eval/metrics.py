@@ -79,6 +79,7 @@ def pope_metrics(gold: Sequence[bool], pred: Sequence[bool | None]) -> dict[str,
 # ---------------------------------------------------------------------------------------------- captions
 LEVELS: dict[str, tuple[str, ...]] = {
     "shape": ("shape",),
+    "colour": ("colour",),
     "object": ("shape", "colour"),
     "exact": ("shape", "colour", "size", "position"),
 }
@@ -152,27 +153,30 @@ def chair_metrics(scenes: Sequence[Scene], captions: Sequence[ParsedCaption], le
 
 
 def prior_hallucinations(scenes: Sequence[Scene], captions: Sequence[ParsedCaption],
-                         pairs: Sequence[Sequence[str]]) -> dict[str, Any]:
-    """Hallucinations a co-occurrence prior explains: a mention of a partner shape that the scene lacks while
-    the scene holds its trigger (world config `cooccur_pairs`, (trigger, partner) shapes).
+                         pairs: Sequence[Sequence[str]], attribute: str = "shape") -> dict[str, Any]:
+    """Hallucinations a co-occurrence prior explains: a mention whose `attribute` (shape or colour) is a partner
+    the scene lacks while the scene holds its trigger (world config `cooccur_pairs`, (trigger, partner)).
 
-    chair_i = prior-driven mentions / all mentions (the part of shape-level CHAIR_i the prior explains);
+    chair_i = prior-driven mentions / all mentions (the part of the attribute-level CHAIR_i the prior explains);
     rate = eligible captions (scene has a trigger and lacks its partner) with a prior-driven mention / eligible
-    captions; share = prior-driven mentions / shape-level hallucinated mentions. With no pairs everything is 0
+    captions; share = prior-driven mentions / attribute-level hallucinated mentions. With no pairs everything is 0
     and the undefined ratios are None."""
     _check_pairs(scenes, captions)
+    if attribute not in ("shape", "colour"):
+        raise ValueError(f"attribute={attribute!r}: co-occurrence pairs name a shape or a colour")
     pairs = [tuple(p) for p in pairs]
-    prior = eligible = hit_captions = shape_halluc = 0
+    prior = eligible = hit_captions = halluc = 0
     for scene, cap in zip(scenes, captions):
-        shapes = scene.shapes
-        partners = {partner for trigger, partner in pairs if trigger in shapes and partner not in shapes}
-        shape_halluc += sum(m.shape not in shapes for m in cap.objects)
-        k = sum(m.shape in partners for m in cap.objects)
+        values = {getattr(o, attribute) for o in scene.objects}
+        partners = {partner for trigger, partner in pairs if trigger in values and partner not in values}
+        said = [getattr(m, attribute) for m in cap.objects if getattr(m, attribute) is not None]
+        halluc += sum(v not in values for v in said)
+        k = sum(v in partners for v in said)
         prior += k
         eligible += bool(partners)
         hit_captions += k > 0
     mentions = sum(len(c.objects) for c in captions)
-    return {"pairs": [list(p) for p in pairs], "mentions": prior,
+    return {"pairs": [list(p) for p in pairs], "attribute": attribute, "mentions": prior,
             "chair_i": _ratio(prior, mentions) if pairs else 0.0,
             "eligible_captions": eligible, "captions": hit_captions, "rate": _ratio(hit_captions, eligible),
-            "share": _ratio(prior, shape_halluc) if pairs else 0.0}
+            "share": _ratio(prior, halluc) if pairs else 0.0}

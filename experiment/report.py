@@ -30,15 +30,16 @@ import polars as pl
 from pipeline.parquet_io import write_bytes_atomic
 
 DEFAULT_METRICS: tuple[str, ...] = (
-    "chair_i_object", "chair_s_object", "chair_i_shape", "recall_object", "mentions_per_caption", "well_formed",
-    "prior_chair_i", "prior_rate", "pope_adversarial_accuracy", "pope_adversarial_f1", "pope_adversarial_yes_ratio")
+    "chair_i_object", "chair_s_object", "chair_i_colour", "chair_i_shape", "recall_object", "recall_colour",
+    "mentions_per_caption", "well_formed", "prior_chair_i", "prior_rate", "pope_adversarial_accuracy",
+    "pope_adversarial_f1", "pope_adversarial_yes_ratio")
 """The metrics of the report's tables, in column order (those no record has are left out)."""
 PLOT_METRICS: tuple[str, ...] = (
-    "chair_i_object", "prior_rate", "recall_object", "well_formed", "mentions_per_caption",
+    "chair_i_object", "chair_i_colour", "prior_rate", "recall_object", "well_formed", "mentions_per_caption",
     "pope_adversarial_accuracy")
 """The panels of `main_metrics.png` (those no record has are left out)."""
-ABLATION_PLOT_METRICS: tuple[str, ...] = ("chair_i_object", "prior_rate")
-CONSOLE_METRICS: tuple[str, ...] = ("chair_i_object", "prior_rate", "recall_object", "well_formed")
+ABLATION_PLOT_METRICS: tuple[str, ...] = ("chair_i_object", "chair_i_colour", "prior_rate")
+CONSOLE_METRICS: tuple[str, ...] = ("chair_i_object", "chair_i_colour", "prior_rate", "recall_object", "well_formed")
 PLAIN_METRICS = frozenset({"mentions_per_caption"})
 """Metrics that are counts, not fractions: shown as plain numbers, never as percent."""
 REQUIRED_KEYS: tuple[str, ...] = ("condition", "group", "seed", "eval")

@@ -46,11 +46,11 @@ class ExperimentConfig:
     """Base model preset (trainer.base_model.BASE_PRESETS)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Training seeds: init of on-the-fly negatives and IS draws, and the batch order (shared by conditions)."""
-    steps: int = 150
+    steps: int = 200
     """Optimiser steps per run."""
     batch_size: int = 8
     """Examples per step."""
-    lr: float = 1e-4
+    lr: float = 2e-4
     """Peak learning rate (warmup then cosine)."""
     warmup_steps: int = 10
     sft_weight: float = 1.0
@@ -209,7 +209,7 @@ def flatten_eval(result: dict[str, Any]) -> dict[str, float | None]:
     """The report's metrics from an eval/run.py result (fractions; None where undefined)."""
     out: dict[str, float | None] = {}
     chair = result.get("chair") or {}
-    for level in ("object", "shape"):
+    for level in ("object", "shape", "colour"):
         lv = chair.get("levels", {}).get(level)
         if lv:
             out[f"chair_i_{level}"], out[f"chair_s_{level}"] = lv["chair_i"], lv["chair_s"]
@@ -318,12 +318,14 @@ def preamble(cfg: ExperimentConfig, base: dict[str, Any], ctx: Context, total: f
         f"from `{results.name}` beside this file. Total wall-clock of this invocation: {total / 60:.1f} min "
         "(stages already current were reused, not redone).",
         "",
-        "**Setup.** World preset `{p}`: {n_pool} pool / {n_train} train / {n_test} test scenes, shapes {shapes}, "
-        "co-occurrence pairs {pairs} (trigger -> partner) at p = {tp} in the {n_text}-caption text corpus, "
+        "**Setup.** World preset `{p}`: {n_pool} pool / {n_train} train / {n_test} test scenes of {size} px, "
+        "shapes {shapes}, colours {colours}; {attr} co-occurrence pairs {pairs} (trigger -> partner) at p = {tp} in the {n_text}-caption text corpus, "
         "p = {ip} in the image data, none in the test split. Base model `{bp}`: {text_steps} language-pretraining "
-        "steps on the text corpus, then {steps} image fine-tuning steps; its caption accuracy: shape {shape:.1%}, "
-        "colour {colour:.1%}, count {count:.1%}.".format(
+        "steps on the text corpus, then {steps} image fine-tuning steps; its caption accuracy: colour {colour:.1%}, "
+        "position {position:.1%}, count {count:.1%}, shape {shape:.1%} (chance {chance:.0%}).".format(
             p=cfg.world_preset, n_pool=w.n_pool, n_train=w.n_train, n_test=w.n_test, shapes=", ".join(w.shapes),
+            size=w.image_size, colours=", ".join(w.colours), attr=w.cooccur_attribute,
+            position=cap.get("position", float("nan")), chance=1 / len(w.shapes),
             pairs=", ".join(f"{a} -> {b}" for a, b in w.cooccur_pairs), tp=w.text_cooccur_p, n_text=w.n_text,
             ip=w.cooccur_p, bp=cfg.base_preset, text_steps=base["config"]["text_steps"],
             steps=base["config"]["steps"], shape=cap.get("shape", float("nan")),

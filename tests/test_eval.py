@@ -126,6 +126,17 @@ def test_prior_driven_hallucinations():
     assert (none["mentions"], none["chair_i"], none["share"], none["rate"]) == (0, 0.0, 0.0, None)
 
 
+def test_prior_driven_hallucinations_of_a_colour_prior():
+    scenes, caps = [SCENE_A, SCENE_B, SCENE_C], parsed(CAPTION_A, CAPTION_B, CAPTION_C)
+    p = prior_hallucinations(scenes, caps, [("red", "green")], attribute="colour")
+    # A and C hold red without green (eligible); A names an absent green (prior-driven), C an absent blue (not).
+    # Colour-level hallucinations: A's green and C's blue, so the prior explains half; 1 of 6 mentions.
+    assert (p["mentions"], p["eligible_captions"], p["captions"]) == (1, 2, 1)
+    assert p["chair_i"] == pytest.approx(1 / 6) and p["rate"] == 0.5 and p["share"] == 0.5
+    with pytest.raises(ValueError, match="shape or a colour"):
+        prior_hallucinations(scenes, caps, [("red", "green")], attribute="size")
+
+
 # ---------------------------------------------------------------------------------------------- world probes
 SHAPES, COLOURS = ("circle", "square", "triangle", "diamond", "cross"), ("red", "green", "blue", "yellow")
 
@@ -251,7 +262,7 @@ def test_evaluate_model_on_the_tiny_world(tiny_vlm, tiny_world, tmp_path):
             assert _in_range(m[key]), (setting, key, m[key])
         assert m["tp"] + m["fn"] == m["tn"] + m["fp"] == m["n"] // 2 > 0
     levels = saved["chair"]["levels"]
-    assert set(levels) == {"shape", "object", "exact"}
+    assert set(levels) == {"shape", "colour", "object", "exact"}
     for c in levels.values():
         assert c["n_captions"] == 8
         for key in ("chair_i", "chair_s", "recall", "well_formed", "empty"):

@@ -40,10 +40,13 @@ def test_text_corpus_carries_the_stronger_prior(prior_world):
     texts = pl.read_parquet(prior_world / "texts.parquet")
     assert texts.height == cfg.n_text and texts["scene_id"].n_unique() == cfg.n_text
     pairs = cfg.cooccur_pairs
-    text_rate = _partner_rate([set(s) for s in texts["shapes"].to_list()], pairs)
+    assert cfg.cooccur_attribute == "colour"
+    text_rate = _partner_rate([set(s) for s in texts["colours"].to_list()], pairs)
     scenes = read_scenes(prior_world)
-    test_rate = _partner_rate([s.shapes for sid, s in scenes.items() if sid.startswith("test")], pairs)
-    image_rate = _partner_rate([s.shapes for sid, s in scenes.items() if not sid.startswith("test")], pairs)
+    test_rate = _partner_rate([{o.colour for o in s.objects} for sid, s in scenes.items() if sid.startswith("test")],
+                              pairs)
+    image_rate = _partner_rate([{o.colour for o in s.objects} for sid, s in scenes.items()
+                                if not sid.startswith("test")], pairs)
     # text p = 0.95, image data p = 0.4, test split: chance only (a later pair's swap can undo an earlier one,
     # hence a little under 0.95 in the text)
     assert text_rate > 0.85 and text_rate > image_rate + 0.2 and image_rate > test_rate + 0.1

@@ -282,13 +282,14 @@ def test_presets_are_spec_table():
     combos = {name: (c.lambda_text > 0, c.use_image, c.image_negatives, c.num_negatives, c.anchor_weight > 0,
                      c.anchor_delta, c.shard_rule, c.is_mode) for name, c in PRESETS.items()}
     assert combos == {
+        "sft": (False, False, "none", 1, False, 0.0, None, "none"),
         "dpo": (True, False, "none", 1, False, 0.0, None, "none"),
         "mdpo": (True, True, "crop", 1, True, 0.0, None, "none"),
         "chip": (True, True, "diffusion_noise", 1, False, 0.0, None, "none"),
         "random_multi": (True, True, "shard", 3, False, 0.0, "random", "none"),
         "misp": (True, True, "shard", 3, False, 0.0, "greedy", "none"),
     }
-    assert all(c.beta == 0.5 and c.sft_weight == 0 for c in PRESETS.values())
+    assert all(c.beta == 0.5 and c.sft_weight == (name == "sft") for name, c in PRESETS.items())
     assert LossConfig() == PRESETS["misp"]
     assert LossConfig.from_preset("misp", is_mode="learned", k_prime=2).uses_pool
 

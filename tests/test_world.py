@@ -103,7 +103,8 @@ def test_presets_have_the_documented_sizes():
     d, big = PRESETS["default"], PRESETS["large"]
     assert (d.n_pool, d.n_train, d.n_test) == (8000, 2000, 1000)
     assert (big.n_pool, big.n_train, big.n_test) == (50000, 10000, 2000)
-    assert all(p.cooccur_pairs == () and p.cooccur_p == 0 for p in PRESETS.values())
+    # only the language-prior presets of the experiment carry a co-occurrence prior
+    assert all(p.cooccur_pairs == () and p.cooccur_p == 0 for name, p in PRESETS.items() if not name.startswith("prior"))
 
 
 def test_tiny_generates_fast(tmp_path):
@@ -328,6 +329,21 @@ def test_cooccurrence_prior_makes_the_partner_follow_the_trigger():
     # Turning the prior off leaves every scene exactly as before (its draws come last).
     off_scene = sample_scene(TINY, np.random.default_rng([0, 0, 5]), "pool")
     assert sample_scene(on, np.random.default_rng([0, 0, 5]), "test") == off_scene
+
+
+def test_a_colour_prior_makes_the_partner_colour_follow_the_trigger_colour():
+    on = preset("tiny", cooccur_attribute="colour", cooccur_pairs=(("red", "green"),), cooccur_p=0.95)
+
+    def rate(cfg: WorldConfig, split: str) -> float:
+        colours = [{o.colour for o in sample_scene(cfg, np.random.default_rng([0, 0, i]), split).objects}
+                   for i in range(1500)]
+        return np.mean(["green" in c for c in colours if "red" in c])
+    assert rate(on, "pool") >= 0.9
+    assert rate(on, "test") < 0.6 and rate(TINY, "pool") < 0.6
+    with pytest.raises(ValueError, match="two different colours"):
+        preset("tiny", cooccur_attribute="colour", cooccur_pairs=(("circle", "square"),), cooccur_p=0.9)
+    with pytest.raises(ValueError, match="cooccur_attribute='size'"):
+        preset("tiny", cooccur_attribute="size")
 
 
 def test_bytes_do_not_depend_on_the_process(tmp_path, worlds):

@@ -36,7 +36,7 @@ from trainer.model_loading import encode_batch, greedy_generate
 from trainer.world_vlm import WorldVLMConfig, build_model, build_processor, build_tokenizer, num_parameters, \
     unused_parameters
 from world import grammar
-from world.generate import read_scenes
+from world.generate import TEXTS, read_scenes
 from world.scene import Scene
 from world.truth import judge
 
@@ -53,6 +53,10 @@ class BaseModelConfig:
 
     arch: WorldVLMConfig = field(default_factory=WorldVLMConfig)
     """The world VLM's architecture."""
+    text_steps: int = 0
+    """Language pretraining steps before any image is seen: captions of the world's text corpus
+    (`texts.parquet`, `WorldConfig.n_text`) after a blank image, so the model learns the caption distribution
+    with its co-occurrence prior alone (the language-prior regime; docs/experiment.md). 0: none."""
     steps: int = 900
     """Optimiser steps (900 at batch 32: ~6 min on 2 idle cores; count, colour, size, position ~95%+, shape
     near chance: the base model hallucinates shapes)."""
@@ -85,6 +89,8 @@ class BaseModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.arch, dict):
             object.__setattr__(self, "arch", WorldVLMConfig(**self.arch))
+        if self.text_steps < 0:
+            raise ValueError(f"text_steps={self.text_steps} must be >= 0")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps ({self.steps}) and batch_size ({self.batch_size}) must be >= 1")
         if not 0 <= self.qa_fraction <= 1:
@@ -104,7 +110,17 @@ BASE_PRESETS: dict[str, BaseModelConfig] = {
                             text_heads=2, text_intermediate=128),
         steps=12, batch_size=8, lr=3e-3, warmup_steps=2, eval_size=24, eval_batch_size=24, max_new_tokens=48),
     "default": BaseModelConfig(),
+    # The language-prior regime (world preset `prior`): 9 image tokens (48 px, one 16-px patch per cell), a
+    # language pretraining on the text corpus, then an image fine-tuning stopped while colour is half learned and
+    # the text prior still shows (docs/experiment.md has the sweep that chose 500 steps).
+    "prior": BaseModelConfig(
+        arch=WorldVLMConfig(image_size=48, patch_size=16, max_positions=96), text_steps=600, steps=500,
+        max_length=80,
+        warmup_steps=20, eval_size=600),
 }
+BASE_PRESETS["prior_tiny"] = dataclasses.replace(
+    BASE_PRESETS["tiny"], arch=dataclasses.replace(BASE_PRESETS["tiny"].arch, image_size=48, patch_size=16,
+                                                   max_positions=96), text_steps=6, max_length=80)
 
 
 @dataclass
@@ -120,7 +136,7 @@ class BaseReport:
     num_parameters: int
     num_image_tokens: int
     train_rows: dict[str, int]
-    """Examples available: `qa` (train split) and `captions` (pool)."""
+    """Examples available: `qa` (train split), `captions` (pool) and `texts` (text corpus)."""
     seconds_train: float
     seconds_eval: float
     steps_per_second: float
@@ -135,6 +151,9 @@ class BaseReport:
     samples: list[dict[str, str]]
     """A few test answers next to the truth, for a look."""
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    text_losses: list[float] = dataclasses.field(default_factory=list)
+    """Losses of the language pretraining steps (empty without `text_steps`)."""
+    seconds_text: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -235,28 +254,23 @@ def sft_loss(model, processor, images: Sequence[np.ndarray], prompts: Sequence[s
         return model(**batch.model_inputs(), labels=batch.labels, use_cache=False).loss
 
 
-def sft_steps(model, processor, world_dir: Path, cfg: BaseModelConfig, steps: int | None = None,
-              progress: bool = True) -> list[float]:
-    """Run `steps` (default cfg.steps) SFT steps on `model` in place; returns the loss of every step."""
-    world_dir = Path(world_dir)
-    qa, caps = sft_rows(world_dir)
-    images = load_images(world_dir, qa["image"].to_list() + caps["image"].to_list())
-    qa_rows, cap_rows = qa.rows(), caps.rows()
+def _optimise(model, processor, steps: int, cfg: BaseModelConfig, next_rows, desc: str,
+              progress: bool) -> list[float]:
+    """`steps` AdamW steps of the answer-token loss on the rows `next_rows()` returns (images, prompts,
+    answers); warmup + cosine over these steps. Returns every step's loss."""
     for name in unused_parameters(model):  # no loss reaches them; freezing keeps "trainable" honest
         model.get_parameter(name).requires_grad_(False)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
-    sampler = BatchSampler(len(qa_rows), len(cap_rows), cfg.batch_size, cfg.qa_fraction, cfg.seed)
+    schedule = dataclasses.replace(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, steps))
     losses: list[float] = []
     bf16 = use_bf16(cfg, next(model.parameters()).device)
     model.train()
-    bar = tqdm(range(steps or cfg.steps), desc="train base VLM", unit="step", disable=not progress)
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
     for step in bar:
-        i_qa, i_caps = sampler.next()
-        rows = [qa_rows[i] for i in i_qa] + [cap_rows[i] for i in i_caps]
+        images, prompts, answers = next_rows()
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        loss = sft_loss(model, processor, [images[r[0]] for r in rows], [r[1] for r in rows],
-                        [r[2] for r in rows], cfg.max_length, bf16)
+            group["lr"] = lr_at(step, schedule)
+        loss = sft_loss(model, processor, images, prompts, answers, cfg.max_length, bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -267,6 +281,47 @@ def sft_steps(model, processor, world_dir: Path, cfg: BaseModelConfig, steps: in
     bar.close()
     model.eval()
     return losses
+
+
+def sft_steps(model, processor, world_dir: Path, cfg: BaseModelConfig, steps: int | None = None,
+              progress: bool = True) -> list[float]:
+    """Run `steps` (default cfg.steps) SFT steps on `model` in place; returns the loss of every step."""
+    world_dir = Path(world_dir)
+    qa, caps = sft_rows(world_dir)
+    images = load_images(world_dir, qa["image"].to_list() + caps["image"].to_list())
+    qa_rows, cap_rows = qa.rows(), caps.rows()
+    sampler = BatchSampler(len(qa_rows), len(cap_rows), cfg.batch_size, cfg.qa_fraction, cfg.seed)
+
+    def next_rows():
+        i_qa, i_caps = sampler.next()
+        rows = [qa_rows[i] for i in i_qa] + [cap_rows[i] for i in i_caps]
+        return [images[r[0]] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+    return _optimise(model, processor, cfg.steps if steps is None else steps, cfg, next_rows, "train base VLM",
+                     progress)
+
+
+def text_corpus_captions(world_dir: Path) -> list[str]:
+    path = Path(world_dir) / TEXTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: text_steps > 0 needs a world generated with n_text > 0 "
+                                "(e.g. world preset `prior`)")
+    return pl.read_parquet(path)["caption"].to_list()
+
+
+def text_pretrain_steps(model, processor, world_dir: Path, cfg: BaseModelConfig, progress: bool = True) -> list[float]:
+    """Language pretraining: `cfg.text_steps` steps on the text corpus's captions, each after one blank
+    (mid-grey) image. The image tokens then carry nothing, so what the model learns is the captions'
+    distribution alone, co-occurrence prior included: the stand-in for a VLM's text-pretrained language model."""
+    captions = text_corpus_captions(Path(world_dir))
+    blank = np.full((cfg.arch.image_size, cfg.arch.image_size, 3), 128, dtype=np.uint8)
+    sampler = BatchSampler(0, len(captions), cfg.batch_size, 0.0, cfg.seed + 1)
+
+    def next_rows():
+        _, idx = sampler.next()
+        return [blank] * len(idx), [grammar.DESCRIBE_PROMPT] * len(idx), [captions[i] for i in idx]
+
+    return _optimise(model, processor, cfg.text_steps, cfg, next_rows, "language pretraining", progress)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -380,6 +435,9 @@ def train_base_model(world_dir: str | Path, out_dir: str | Path, cfg: BaseModelC
     model, processor = build_world_vlm(world_dir, cfg)
     model.to(device)
     qa, caps = sft_rows(world_dir)
+    t_text = time.perf_counter()
+    text_losses = text_pretrain_steps(model, processor, world_dir, cfg, progress) if cfg.text_steps else []
+    seconds_text = time.perf_counter() - t_text
     t0 = time.perf_counter()
     losses = sft_steps(model, processor, world_dir, cfg, progress=progress)
     seconds_train = time.perf_counter() - t0
@@ -392,7 +450,9 @@ def train_base_model(world_dir: str | Path, out_dir: str | Path, cfg: BaseModelC
     report = BaseReport(
         folder=str(out_dir), trained=True, config=cfg.to_dict(), world_fingerprint=world_fp, fingerprint=fp,
         num_parameters=num_parameters(model), num_image_tokens=cfg.arch.num_image_tokens,
-        train_rows={"qa": qa.height, "captions": caps.height}, seconds_train=seconds_train,
+        train_rows={"qa": qa.height, "captions": caps.height,
+                    "texts": len(text_corpus_captions(world_dir)) if cfg.text_steps else 0},
+        seconds_train=seconds_train, text_losses=text_losses, seconds_text=seconds_text,
         seconds_eval=seconds_eval, steps_per_second=len(losses) / seconds_train,
         final_loss=float(np.mean(losses[-20:])), losses=losses, **ev,
         versions={"base": str(BASE_VERSION), "schema": str(SCHEMA_VERSION), "transformers": transformers.__version__,
@@ -406,6 +466,9 @@ def format_report(report: BaseReport) -> str:
     lines = [f"base VLM {report.folder}: {report.num_parameters / 1e6:.2f} M parameters, "
              f"{'trained' if report.trained else 'reused'}, {report.seconds_train:.0f} s train "
              f"({report.steps_per_second:.2f} steps/s), final loss {report.final_loss:.3f}"]
+    if report.text_losses:
+        lines.append(f"  language pretraining: {len(report.text_losses)} steps, {report.seconds_text:.0f} s, "
+                     f"final loss {np.mean(report.text_losses[-20:]):.3f}")
     lines += [f"  {k:<10} accuracy {v:6.1%}  (n={report.n_by_kind[k]})" for k, v in report.accuracy_by_kind.items()]
     if report.caption:
         c = report.caption

@@ -24,7 +24,8 @@ class TrainConfig:
     run_name: str = "misp"
     """Folder name under <data root>/runs/."""
     preset: str = "misp"
-    """Loss preset: `dpo`, `mdpo`, `chip`, `random_multi`, `misp` (SPEC §4)."""
+    """Loss preset: `dpo`, `mdpo`, `chip`, `random_multi`, `misp` (SPEC §4), or `sft` (the control: the chosen
+    response's NLL alone)."""
     loss: dict = field(default_factory=dict)
     """Overrides of the preset's LossConfig, e.g. {beta: 0.3, is_mode: learned, k_prime: 2}."""
     model: str = ""

@@ -290,6 +290,9 @@ class LossConfig:
 
 
 PRESETS: dict[str, LossConfig] = {
+    # The control of every comparison (docs/experiment.md): the chosen response's NLL alone, no preference term.
+    "sft": LossConfig(lambda_text=0.0, use_image=False, image_negatives="none", shard_rule=None, num_negatives=1,
+                      sft_weight=1.0),
     # SPEC §4. mdpo / chip: one negative made from the positive, so the PL term is the pairwise one.
     "dpo": LossConfig(use_image=False, image_negatives="none", shard_rule=None, num_negatives=1),
     "mdpo": LossConfig(image_negatives="crop", shard_rule=None, num_negatives=1, anchor_weight=1.0, anchor_delta=0.0),

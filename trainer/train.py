@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from pipeline.parquet_io import write_json_atomic
 from pipeline.paths import data_root
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
@@ -123,7 +124,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         cache_key = _cache_key(ref_fp, manifest, cfg)
         cache = RefCache(paths["root"] / "ref_cache", cache_key)
         if acc.is_main_process:
-            _precompute(cache, [examples[i] for i in schedule], loss_cfg, cfg, model, processor, progress)
+            t_ref = time.perf_counter()
+            needed, computed = _precompute(cache, [examples[i] for i in schedule], loss_cfg, cfg, model, processor,
+                                           progress)
+            # What the reference cost this run (rows computed now may be fewer: the cache is shared by runs).
+            out_ref = {"rows_needed": needed, "rows_computed": computed, "seconds": time.perf_counter() - t_ref}
+            paths["out"].mkdir(parents=True, exist_ok=True)
+            write_json_atomic(out_ref, paths["out"] / "reference.json")
         acc.wait_for_everyone()
         cache = RefCache(paths["root"] / "ref_cache", cache_key)
 
@@ -244,21 +251,24 @@ def _all_rows(ex: dict, loss_cfg, cfg: TrainConfig):
 
 
 def _precompute(cache: RefCache, examples: list[dict], loss_cfg, cfg: TrainConfig, model, processor,
-                progress: bool) -> None:
+                progress: bool) -> tuple[int, int]:
     """Reference log-probs of every row the run will need, before the first update (the model is the reference
-    then). With IS that is the whole candidate pool of each example: a one-off cost, reused by later runs."""
+    then). With IS that is the whole candidate pool of each example: a one-off cost, reused by later runs.
+    Returns (rows the run needs, rows computed now)."""
     model.eval()
-    todo = []
+    todo, needed = [], 0
     for ex in examples:
         rows = _all_rows(ex, loss_cfg, cfg)
+        needed += len(rows.keys)
         if cache.missing(rows.keys):
             todo.append(rows)
     if not todo:
-        return
+        return needed, 0
     merged = _concat_rows(todo)
     with _adapters_off(model):
-        fill(cache, merged, model, processor, max_length=cfg.max_length, progress=progress)
+        computed = fill(cache, merged, model, processor, max_length=cfg.max_length, progress=progress)
     cache.save()
+    return needed, computed
 
 
 def _concat_rows(parts):

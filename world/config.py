@@ -16,6 +16,7 @@ WORLD_VERSION = 1
 PROMPT_KINDS: tuple[str, ...] = ("describe", "count", "attribute", "yesno")
 ERROR_TYPES: tuple[str, ...] = ("object", "attribute", "count", "position", "binding")
 SPLITS: tuple[str, ...] = ("pool", "train", "test")
+COOCCUR_ATTRIBUTES: tuple[str, ...] = ("shape", "colour")
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,24 @@ class WorldConfig:
     error_types: tuple[str, ...] = ERROR_TYPES
     """Hallucination types a rejected answer may carry; drawn uniformly among those a prompt allows."""
     cooccur_pairs: tuple[tuple[str, str], ...] = ()
-    """Language-prior regime, off by default: (trigger, partner) shapes; a scene with the trigger and no
-    partner gets the partner added (or swapped in for another object) with probability `cooccur_p`."""
+    """Language-prior regime, off by default: (trigger, partner) values of `cooccur_attribute`; a scene with
+    the trigger and no partner gets the partner added (or swapped in for another object) with probability
+    `cooccur_p`."""
     cooccur_p: float = 0.0
     """Probability that a trigger shape is accompanied by its partner (on top of chance co-occurrence)."""
     cooccur_splits: tuple[str, ...] = ("pool", "train")
     """Splits the co-occurrence prior applies to; the test split stays unbiased by default."""
     png_compress_level: int = 6
     """zlib level of the PNGs (0-9); part of the config because it changes the bytes written."""
+    cooccur_attribute: str = "shape"
+    """What `cooccur_pairs` name: `shape`s (a circle comes with a square) or `colour`s (a red object comes with
+    a green one)."""
+    n_text: int = 0
+    """Captions of extra scenes written as text only (`texts.parquet`, no images): the corpus a language model
+    is pretrained on before it sees images (the language-prior regime; `trainer.base_model` `text_steps`)."""
+    text_cooccur_p: float = 0.0
+    """Co-occurrence probability of `cooccur_pairs` in the text corpus (usually stronger than `cooccur_p`, as
+    text priors are stronger than what the image fine-tuning data shows)."""
 
     def __post_init__(self) -> None:
         # Lists from JSON/CLI become tuples so that configs compare and hash the same way.
@@ -78,7 +89,7 @@ class WorldConfig:
         self._validate()
 
     def _validate(self) -> None:
-        for name in ("n_pool", "n_train", "n_test"):
+        for name in ("n_pool", "n_train", "n_test", "n_text"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} is negative; use 0 or more scenes")
         if self.image_size < 24:
@@ -109,15 +120,20 @@ class WorldConfig:
         self._validate_cooccurrence()
 
     def _validate_cooccurrence(self) -> None:
-        if not 0 <= self.cooccur_p <= 1:
-            raise ValueError(f"cooccur_p={self.cooccur_p} must be a probability in [0, 1]")
+        for name in ("cooccur_p", "text_cooccur_p"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a probability in [0, 1]")
+        if self.text_cooccur_p > 0 and not self.cooccur_pairs:
+            raise ValueError("text_cooccur_p > 0 needs cooccur_pairs, e.g. (('circle', 'square'),)")
         if self.cooccur_p > 0 and not self.cooccur_pairs:
             raise ValueError("cooccur_p > 0 needs cooccur_pairs, e.g. (('circle', 'square'),)")
+        if self.cooccur_attribute not in COOCCUR_ATTRIBUTES:
+            raise ValueError(f"cooccur_attribute={self.cooccur_attribute!r} is not one of {COOCCUR_ATTRIBUTES}")
+        values = self.shapes if self.cooccur_attribute == "shape" else self.colours
         for pair in self.cooccur_pairs:
-            if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(self.shapes):
-                raise ValueError(
-                    f"cooccur_pairs entry {pair!r} must be (trigger, partner): two different shapes of {self.shapes}"
-                )
+            if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(values):
+                raise ValueError(f"cooccur_pairs entry {pair!r} must be (trigger, partner): two different "
+                                 f"{self.cooccur_attribute}s of {values}")
         if self.cooccur_pairs and self.max_objects < 2:
             raise ValueError("cooccur_pairs needs max_objects >= 2 so that a partner can join its trigger")
 
@@ -126,8 +142,10 @@ class WorldConfig:
         return self.n_pool + self.n_train + self.n_test
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples as lists); `WorldConfig.from_dict` inverts it."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """JSON-ready dict (tuples as lists); `WorldConfig.from_dict` inverts it. Fields added after version 1
+        are left out at their default, so that worlds generated before they existed stay current."""
+        d = json.loads(json.dumps(dataclasses.asdict(self)))
+        return {k: v for k, v in d.items() if k not in _LATE_FIELDS or v != _LATE_FIELDS[k]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WorldConfig:
@@ -140,6 +158,9 @@ class WorldConfig:
     def fingerprint(self) -> str:
         """Stable text identity of what this config generates (config + generator version)."""
         return json.dumps({"config": self.to_dict(), "world_version": WORLD_VERSION}, sort_keys=True)
+
+
+_LATE_FIELDS: dict[str, Any] = {"n_text": 0, "text_cooccur_p": 0.0, "cooccur_attribute": "shape"}
 
 
 def _check_subset(name: str, values: tuple[str, ...], library: tuple[str, ...], minimum: int) -> None:
@@ -159,7 +180,17 @@ PRESETS: dict[str, WorldConfig] = {
     "default": WorldConfig(n_pool=8000, n_train=2000, n_test=1000),
     # Experiments.
     "large": WorldConfig(n_pool=50000, n_train=10000, n_test=2000),
+    # The language-prior regime of `make experiment` (docs/experiment.md): a prior on what the world VLM sees
+    # well (colour; shape stays near chance in minutes of training, docs/base_model.md), strong in a text
+    # corpus (a red object comes with a green one, a blue with a yellow, 95% of the time), weaker in the image
+    # data (40%), absent from the test split; 48 px so that a 16-px patch is exactly one grid cell.
+    "prior": WorldConfig(
+        n_pool=3000, n_train=1000, n_test=300, n_text=20000, max_objects=3, image_size=48,
+        prompt_kinds=("describe", "yesno"), cooccur_attribute="colour",
+        cooccur_pairs=(("red", "green"), ("blue", "yellow")), cooccur_p=0.4, text_cooccur_p=0.95),
 }
+# `python -m experiment --quick` (CI): the prior regime at the tiny preset's scale.
+PRESETS["prior_tiny"] = dataclasses.replace(PRESETS["prior"], n_pool=200, n_train=48, n_test=24, n_text=400)
 
 
 def preset(name: str, **overrides: Any) -> WorldConfig:

@@ -26,6 +26,8 @@ from world.scene import ObjectSpec, Scene, sample_scene, scene_rng
 
 PREFIX = {"pool": "p", "train": "t", "test": "s"}
 OBJECT_STRUCT = pl.Struct({"shape": pl.String, "colour": pl.String, "size": pl.String, "position": pl.String})
+TEXTS = "texts.parquet"
+"""The caption-only corpus of the language-prior regime (written when `n_text` > 0)."""
 SCENES_SCHEMA = {"image": pl.String, "split": pl.String, "scene_id": pl.String, "background": pl.String,
                  "objects": pl.List(OBJECT_STRUCT), "caption": pl.String}
 PREFERENCES_SCHEMA = {"id": pl.String, "prompt": pl.String, "chosen": pl.String, "rejected": pl.String,
@@ -103,7 +105,8 @@ def _same_world(cfg: WorldConfig, info: dict[str, Any] | None) -> bool:
 def _is_complete(root: Path, cfg: WorldConfig, info: dict[str, Any] | None) -> bool:
     if not _same_world(cfg, info):
         return False
-    files = ("scenes.parquet", "preferences.parquet", "preferences_test.parquet")
+    files = ("scenes.parquet", "preferences.parquet", "preferences_test.parquet") + (
+        ("texts.parquet",) if cfg.n_text else ())
     if not all((root / f).exists() for f in files):
         return False
     return all(len(_own_images(root / "images" / s, s)) == info["counts"][s] for s in SPLITS)
@@ -122,7 +125,7 @@ def _clear(root: Path) -> None:
     for split in SPLITS:
         for path in _own_images(root / "images" / split, split):
             path.unlink()
-    for name in ("world.json", "scenes.parquet", "preferences.parquet", "preferences_test.parquet"):
+    for name in ("world.json", "scenes.parquet", "preferences.parquet", "preferences_test.parquet", TEXTS):
         (root / name).unlink(missing_ok=True)
 
 
@@ -155,11 +158,27 @@ def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, overwrite: b
                          root / "preferences.parquet", meta)
     write_parquet_atomic(pl.DataFrame(pref_rows["test"], schema=PREFERENCES_SCHEMA),
                          root / "preferences_test.parquet", meta)
+    if cfg.n_text:
+        write_parquet_atomic(text_corpus(cfg, progress), root / TEXTS, meta)
     counts = {**n_per_split, "preferences": len(pref_rows["train"]),
-              "preferences_test": len(pref_rows["test"]), "files": cfg.n_scenes + 3}
+              "preferences_test": len(pref_rows["test"]), "files": cfg.n_scenes + 3 + bool(cfg.n_text)}
+    if cfg.n_text:
+        counts["text"] = cfg.n_text
     write_json_atomic({"config": cfg.to_dict(), "world_version": WORLD_VERSION, "schema_version": SCHEMA_VERSION,
                        "library_version": library_version(), "counts": counts}, root / "world.json")
     return _summary(root, counts, generated=True)
+
+
+def text_corpus(cfg: WorldConfig, progress: bool = False) -> pl.DataFrame:
+    """Captions of `cfg.n_text` scenes that are never drawn (columns scene_id, caption, shapes, colours), sampled with
+    the text corpus's co-occurrence `cfg.text_cooccur_p`: what a language model reads before it sees images."""
+    rows = []
+    for index in tqdm(range(cfg.n_text), desc="text corpus", unit="caption", disable=not progress):
+        scene = sample_scene(cfg, scene_rng(cfg.seed, "text", index), "text")
+        rows.append({"scene_id": scene_id("text", index), "caption": grammar.caption(scene),
+                     "shapes": sorted(scene.shapes), "colours": sorted({o.colour for o in scene.objects})})
+    return pl.DataFrame(rows, schema={"scene_id": pl.String, "caption": pl.String, "shapes": pl.List(pl.String),
+                                      "colours": pl.List(pl.String)})
 
 
 class Built(NamedTuple):

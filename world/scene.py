@@ -11,7 +11,8 @@ from world import vocab
 from world.config import WorldConfig
 from world.render import draw  # the only module that knows pixels
 
-SPLIT_CODE: dict[str, int] = {"pool": 0, "train": 1, "test": 2}
+SPLIT_CODE: dict[str, int] = {"pool": 0, "train": 1, "test": 2, "text": 3}
+"""Seed stream of each split; `text` is the caption-only corpus (`WorldConfig.n_text`)."""
 
 
 @dataclass(frozen=True)
@@ -115,26 +116,34 @@ def sample_scene(cfg: WorldConfig, rng: np.random.Generator, split: str = "pool"
         for s, c, z, p in zip(shape_i, colour_i, size_i, cells)
     ]
     background = cfg.backgrounds[int(rng.integers(len(cfg.backgrounds)))]
-    if cfg.cooccur_pairs and cfg.cooccur_p > 0 and split in cfg.cooccur_splits:
-        objs = _apply_cooccurrence(cfg, rng, objs)
+    p = cfg.text_cooccur_p if split == "text" else (cfg.cooccur_p if split in cfg.cooccur_splits else 0.0)
+    if cfg.cooccur_pairs and p > 0:
+        objs = _apply_cooccurrence(cfg, rng, objs, p)
     return Scene(objects=tuple(objs), background=background)
 
 
-def _apply_cooccurrence(cfg: WorldConfig, rng: np.random.Generator, objs: list[ObjectSpec]) -> list[ObjectSpec]:
-    """Make each trigger shape usually come with its partner: the world's stand-in for a language prior."""
+def _apply_cooccurrence(cfg: WorldConfig, rng: np.random.Generator, objs: list[ObjectSpec],
+                        p: float) -> list[ObjectSpec]:
+    """Make each trigger (a shape or a colour, `cfg.cooccur_attribute`) usually come with its partner: the
+    world's stand-in for a language prior."""
+    attr = cfg.cooccur_attribute
     for trigger, partner in cfg.cooccur_pairs:
-        shapes = {o.shape for o in objs}
-        if trigger not in shapes or partner in shapes or rng.random() >= cfg.cooccur_p:
+        values = {getattr(o, attr) for o in objs}
+        if trigger not in values or partner in values or rng.random() >= p:
             continue
-        free = [p for p in vocab.POSITIONS if p not in {o.position for o in objs}]
-        others = [i for i, o in enumerate(objs) if o.shape != trigger]
+        free = [q for q in vocab.POSITIONS if q not in {o.position for o in objs}]
+        others = [i for i, o in enumerate(objs) if getattr(o, attr) != trigger]
         if len(objs) < cfg.max_objects and free:
-            # Add rather than replace when there is room, so the prior does not thin out other shapes.
-            objs = objs + [ObjectSpec(partner, cfg.colours[int(rng.integers(len(cfg.colours)))],
-                                      vocab.SIZES[int(rng.integers(2))], free[int(rng.integers(len(free)))])]
+            # Add rather than replace when there is room, so the prior does not thin out other values.
+            if attr == "shape":
+                shape, colour = partner, cfg.colours[int(rng.integers(len(cfg.colours)))]
+            else:
+                shape, colour = cfg.shapes[int(rng.integers(len(cfg.shapes)))], partner
+            objs = objs + [ObjectSpec(shape, colour, vocab.SIZES[int(rng.integers(2))],
+                                      free[int(rng.integers(len(free)))])]
         elif others:
             i = others[int(rng.integers(len(others)))]
-            objs = objs[:i] + [objs[i].with_(shape=partner)] + objs[i + 1:]
+            objs = objs[:i] + [objs[i].with_(**{attr: partner})] + objs[i + 1:]
     return objs
 
 
