@@ -153,24 +153,35 @@ def chair_metrics(scenes: Sequence[Scene], captions: Sequence[ParsedCaption], le
 
 
 def prior_hallucinations(scenes: Sequence[Scene], captions: Sequence[ParsedCaption],
-                         pairs: Sequence[Sequence[str]], attribute: str = "shape") -> dict[str, Any]:
+                         pairs: Sequence[Sequence[str]], attribute: str = "shape",
+                         universe: Sequence[str] | None = None) -> dict[str, Any]:
     """Hallucinations a co-occurrence prior explains: a mention whose `attribute` (shape or colour) is a partner
     the scene lacks while the scene holds its trigger (world config `cooccur_pairs`, (trigger, partner)).
 
     chair_i = prior-driven mentions / all mentions (the part of the attribute-level CHAIR_i the prior explains);
     rate = eligible captions (scene has a trigger and lacks its partner) with a prior-driven mention / eligible
     captions; share = prior-driven mentions / attribute-level hallucinated mentions. With no pairs everything is 0
-    and the undefined ratios are None."""
+    and the undefined ratios are None.
+
+    With `universe` (every value the world can show), `chance_mentions` is how many prior-driven mentions the same
+    hallucinations would hold if each wrong value were drawn uniformly from the values the scene lacks, and
+    `lift` = mentions / chance_mentions: 1 means the model's errors ignore the prior, above 1 that they follow it.
+    A model that hallucinates more has more prior-driven mentions by chance alone; the lift corrects for that."""
     _check_pairs(scenes, captions)
     if attribute not in ("shape", "colour"):
         raise ValueError(f"attribute={attribute!r}: co-occurrence pairs name a shape or a colour")
     pairs = [tuple(p) for p in pairs]
     prior = eligible = hit_captions = halluc = 0
+    chance = 0.0
     for scene, cap in zip(scenes, captions):
         values = {getattr(o, attribute) for o in scene.objects}
         partners = {partner for trigger, partner in pairs if trigger in values and partner not in values}
         said = [getattr(m, attribute) for m in cap.objects if getattr(m, attribute) is not None]
-        halluc += sum(v not in values for v in said)
+        wrong = sum(v not in values for v in said)
+        halluc += wrong
+        if universe is not None and partners:
+            absent = [u for u in universe if u not in values]
+            chance += wrong * len(partners) / len(absent)
         k = sum(v in partners for v in said)
         prior += k
         eligible += bool(partners)
@@ -179,4 +190,6 @@ def prior_hallucinations(scenes: Sequence[Scene], captions: Sequence[ParsedCapti
     return {"pairs": [list(p) for p in pairs], "attribute": attribute, "mentions": prior,
             "chair_i": _ratio(prior, mentions) if pairs else 0.0,
             "eligible_captions": eligible, "captions": hit_captions, "rate": _ratio(hit_captions, eligible),
-            "share": _ratio(prior, halluc) if pairs else 0.0}
+            "share": _ratio(prior, halluc) if pairs else 0.0,
+            "chance_mentions": chance if universe is not None else None,
+            "lift": _ratio(prior, chance) if universe is not None and pairs else None}

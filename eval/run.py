@@ -219,11 +219,12 @@ def score_pope(questions: Sequence[Question], answers: dict, rule: str, samples:
     return {s: out[s] for s in order}
 
 
-def score_captions(scenes, captions: Sequence[str], pairs, samples: int, attribute: str = "shape") -> dict[str, Any]:
+def score_captions(scenes, captions: Sequence[str], pairs, samples: int, attribute: str = "shape",
+                   universe: Sequence[str] | None = None) -> dict[str, Any]:
     parsed = [grammar.parse_caption(c) for c in captions]
     truth = [s for _, _, s in scenes]
     return {"levels": {level: chair_metrics(truth, parsed, level) for level in LEVELS},
-            "prior": prior_hallucinations(truth, parsed, pairs, attribute),
+            "prior": prior_hallucinations(truth, parsed, pairs, attribute, universe),
             "samples": [{"scene_id": sid, "truth": grammar.caption(s), "caption": c}
                         for (sid, _, s), c in list(zip(scenes, captions))[:samples]]}
 
@@ -249,12 +250,13 @@ def evaluate_model(model_dir: str | os.PathLike, world_dir: str | os.PathLike | 
         raise ValueError("pope_file needs image_dir: the folder the questions' `image` names are relative to")
     t0 = time.perf_counter()
     problems: list[str] = []
-    scenes, pairs, attribute = [], [], "shape"
+    scenes, pairs, attribute, universe = [], [], "shape", None
     if world_dir is not None:
         world_dir = Path(world_dir).expanduser()
         scenes, questions, wcfg = world_sources(world_dir, cfg)
         pairs = wcfg.get("cooccur_pairs", [])
         attribute = wcfg.get("cooccur_attribute", "shape")
+        universe = wcfg.get("shapes" if attribute == "shape" else "colours")
         source = {"kind": "world", "world": str(world_dir), "world_json_sha256": sha256_file(world_dir / "world.json"),
                   "scenes": len(scenes), "probe_level": cfg.probe_level, "cooccur_pairs": pairs,
                   "cooccur_attribute": attribute}
@@ -291,7 +293,7 @@ def evaluate_model(model_dir: str | os.PathLike, world_dir: str | os.PathLike | 
     kept = [(s, c) for s, c in zip(scenes, captions) if c is not None]
     if kept:
         result["chair"] = score_captions([s for s, _ in kept], [c for _, c in kept], pairs, cfg.samples,
-                                         attribute)
+                                         attribute, universe)
     result["seconds"]["total"] = time.perf_counter() - t0
     if out is not None:
         out = Path(out).expanduser()
@@ -336,7 +338,8 @@ def format_table(result: dict[str, Any]) -> str:
         if p["pairs"]:
             lines.append(f"prior-driven ({', '.join('->'.join(x) for x in p['pairs'])}): {_pct(p['chair_i']).strip()}% "
                          f"of mentions, {_pct(p['rate']).strip()}% of {p['eligible_captions']} eligible captions, "
-                         f"{_pct(p['share']).strip()}% of {p.get('attribute', 'shape')} hallucinations")
+                         f"{_pct(p['share']).strip()}% of {p.get('attribute', 'shape')} hallucinations"
+                         + (f", {p['lift']:.2f}x chance" if p.get("lift") is not None else ""))
         else:
             lines.append("prior-driven: 0 (the world has no cooccur_pairs)")
     if result["problems"]:

@@ -34,6 +34,9 @@ from pipeline.parquet_io import write_bytes_atomic, write_json_atomic
 from pipeline.paths import data_root
 
 RECORD_VERSION = 1
+"""Bump when a change to the runner makes the same condition train differently."""
+EVAL_VERSION = 2
+"""Bump when the evaluation's metrics change (2: prior lift): results are re-evaluated, not retrained."""
 
 
 @dataclass(frozen=True)
@@ -219,15 +222,24 @@ def flatten_eval(result: dict[str, Any]) -> dict[str, float | None]:
         out.update(mentions_per_caption=lv["mentions_per_caption"], well_formed=lv["well_formed"], empty=lv["empty"])
     prior = chair.get("prior") or {}
     if prior.get("pairs"):
-        out.update(prior_chair_i=prior["chair_i"], prior_rate=prior["rate"], prior_share=prior["share"])
+        out.update(prior_chair_i=prior["chair_i"], prior_rate=prior["rate"], prior_share=prior["share"],
+                   prior_lift=prior.get("lift"))
     for setting, m in (result.get("pope") or {}).items():
         for k in ("accuracy", "f1", "yes_ratio", "precision", "recall"):
             out[f"pope_{setting}_{k}"] = m.get(k)
     return out
 
 
+def _read_result(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def run_one(ctx: Context, cond: Condition, seed: int) -> dict[str, Any]:
-    """Train (unless base) and evaluate one condition and seed; reuse a current result."""
+    """Train (unless base) and evaluate one condition and seed. A current training is not redone; a current
+    training whose evaluation is stale (another eval config or EVAL_VERSION) is only re-evaluated."""
     from eval.run import EvalConfig, evaluate_model
     from trainer.ref_cache import model_fingerprint
 
@@ -235,18 +247,25 @@ def run_one(ctx: Context, cond: Condition, seed: int) -> dict[str, Any]:
     eval_cfg = EvalConfig(limit=ctx.cfg.eval_limit, progress=ctx.progress)
     shards_fp = sha256_file(ctx.shard_set(cond.shards) / "manifest.json") if cond.preset else ""
     tcfg = _train_config(ctx, cond, seed, run_dir) if cond.preset else None
-    fp = fingerprint(RECORD_VERSION, tcfg.to_dict() if tcfg else None, model_fingerprint(ctx.base_dir), shards_fp,
-                     eval_cfg.to_dict(), sha256_file(ctx.world_dir / "world.json"))
+    world_fp = sha256_file(ctx.world_dir / "world.json")
+    base_fp = model_fingerprint(ctx.base_dir)
+    train_fp = fingerprint(RECORD_VERSION, tcfg.to_dict() if tcfg else None, base_fp, shards_fp, world_fp)
+    eval_fp = fingerprint(EVAL_VERSION, eval_cfg.to_dict())
+    # results written before training and evaluation had separate fingerprints
+    legacy_fp = fingerprint(RECORD_VERSION, tcfg.to_dict() if tcfg else None, base_fp, shards_fp,
+                            eval_cfg.to_dict(), world_fp)
     result_file = run_dir / "result.json"
-    try:
-        saved = json.loads(result_file.read_text())
-        if saved.get("fingerprint") == fp:
-            return saved["record"]
-    except (OSError, ValueError):
-        pass
-    train_info = None
+    saved = _read_result(result_file)
+    trained = saved.get("train_fingerprint", saved.get("fingerprint")) in (train_fp, legacy_fp) and (
+        tcfg is None or (run_dir / "final").is_dir())
+    if trained and saved.get("eval_fingerprint") == eval_fp:
+        return saved["record"]
     model_dir = ctx.base_dir
-    if tcfg is not None:
+    if tcfg is None:
+        train_info = None
+    elif trained:
+        train_info, model_dir = saved["record"]["train"], run_dir / "final"
+    else:
         from trainer.train import train
 
         shutil.rmtree(run_dir, ignore_errors=True)  # a stale or half-finished run of another config
@@ -261,7 +280,7 @@ def run_one(ctx: Context, cond: Condition, seed: int) -> dict[str, Any]:
     result = evaluate_model(model_dir, ctx.world_dir, out=run_dir / "eval.json", config=eval_cfg)
     record = {"condition": cond.name, "group": cond.group, "seed": seed, "train": train_info,
               "eval": flatten_eval(result), "eval_seconds": time.perf_counter() - t1}
-    write_json_atomic({"fingerprint": fp, "record": record}, result_file)
+    write_json_atomic({"train_fingerprint": train_fp, "eval_fingerprint": eval_fp, "record": record}, result_file)
     return record
 
 

@@ -133,6 +133,11 @@ def test_prior_driven_hallucinations_of_a_colour_prior():
     # Colour-level hallucinations: A's green and C's blue, so the prior explains half; 1 of 6 mentions.
     assert (p["mentions"], p["eligible_captions"], p["captions"]) == (1, 2, 1)
     assert p["chair_i"] == pytest.approx(1 / 6) and p["rate"] == 0.5 and p["share"] == 0.5
+    # Against chance: A's one wrong colour (green) could have been either absent colour (green, yellow): 1/2
+    # expected partner mention; C's (blue) one of three absent: 1/3. Observed 1, so the lift is 1 / (5/6) = 1.2.
+    lifted = prior_hallucinations(scenes, caps, [("red", "green")], "colour", ("red", "green", "blue", "yellow"))
+    assert lifted["chance_mentions"] == pytest.approx(5 / 6) and lifted["lift"] == pytest.approx(1.2)
+    assert p["lift"] is None and p["chance_mentions"] is None
     with pytest.raises(ValueError, match="shape or a colour"):
         prior_hallucinations(scenes, caps, [("red", "green")], attribute="size")
 

@@ -162,3 +162,20 @@ def test_quick_experiment_rerun_reuses_every_result(quick):
                            instance=dg.DagsterInstance.ephemeral())
     assert again == records
     assert {p: os.stat(p).st_mtime_ns for p in results} == before
+
+
+def test_a_stale_evaluation_is_redone_without_retraining(quick, monkeypatch):
+    """Runs after the rerun test: it leaves results evaluated under another EVAL_VERSION."""
+    root, out, conds, records = quick
+    import experiment.run as run
+
+    final = root / "work" / "runs"
+    weights = {p: os.stat(p).st_mtime_ns for p in final.glob("*/final/*.safetensors")}
+    assert weights
+    monkeypatch.setattr(run, "EVAL_VERSION", run.EVAL_VERSION + 1)
+    again = run_experiment(QUICK, conds, out, title="quick", root=root / "work", progress=False,
+                           instance=dg.DagsterInstance.ephemeral())
+    assert {p: os.stat(p).st_mtime_ns for p in final.glob("*/final/*.safetensors")} == weights  # not retrained
+    assert [r["eval"] for r in again] == [r["eval"] for r in records]  # same models, same greedy answers
+    stored = json.loads(next(final.glob("*/result.json")).read_text())
+    assert stored["eval_fingerprint"] != "" and "train_fingerprint" in stored
