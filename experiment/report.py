@@ -518,6 +518,10 @@ def _ablation_section(group: str, summaries: Sequence[Summary], metrics: Sequenc
                       control: str, baseline: str, plots_dir: Path, md_dir: Path, plots: list[Path]) -> list[str]:
     parts = [f"## Ablation: `{group}`", ""]
     parts += _comparison(summaries, metrics, plain, control, skip=(control, baseline))
+    # The cost of each arm, against the full pool where the group has one (the IS arms exist to be cheaper than
+    # forwarding it), else against the group's first arm.
+    ref = next((s for s in summaries if s.condition.startswith("full pool")), summaries[0])
+    parts += [f"Cost (ratios against `{ref.condition}`):", "", cost_table(summaries, ref), ""]
     panels = present(summaries, ABLATION_PLOT_METRICS)
     if panels:
         plots.append(plot_bars(summaries, panels, plain, plots_dir / f"ablation_{_slug(group)}.png",

@@ -230,6 +230,14 @@ def flatten_eval(result: dict[str, Any]) -> dict[str, float | None]:
     return out
 
 
+PATH_FIELDS = ("run_name", "model", "shards", "data_root", "output_dir")
+"""TrainConfig fields that say where things are, not what is trained."""
+
+
+def _without(d: dict[str, Any] | None, keys: Sequence[str]) -> dict[str, Any] | None:
+    return None if d is None else {k: v for k, v in d.items() if k not in keys}
+
+
 def _read_result(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -249,16 +257,23 @@ def run_one(ctx: Context, cond: Condition, seed: int) -> dict[str, Any]:
     tcfg = _train_config(ctx, cond, seed, run_dir) if cond.preset else None
     world_fp = sha256_file(ctx.world_dir / "world.json")
     base_fp = model_fingerprint(ctx.base_dir)
-    train_fp = fingerprint(RECORD_VERSION, tcfg.to_dict() if tcfg else None, base_fp, shards_fp, world_fp)
-    eval_fp = fingerprint(EVAL_VERSION, eval_cfg.to_dict())
-    # results written before training and evaluation had separate fingerprints
-    legacy_fp = fingerprint(RECORD_VERSION, tcfg.to_dict() if tcfg else None, base_fp, shards_fp,
-                            eval_cfg.to_dict(), world_fp)
+    # What is trained and how it is judged, not where it lives or how it is shown: the base model and shards
+    # enter by content, so moving the data root or passing --no-progress reuses every result.
+    train_fp = fingerprint(RECORD_VERSION, _without(tcfg.to_dict() if tcfg else None, PATH_FIELDS), base_fp,
+                           shards_fp, world_fp)
+    eval_fp = fingerprint(EVAL_VERSION, _without(eval_cfg.to_dict(), ("progress",)))
+    # fingerprints of results written by earlier versions of this runner (paths and progress included)
+    full = tcfg.to_dict() if tcfg else None
+    legacy_train = {fingerprint(RECORD_VERSION, full, base_fp, shards_fp, world_fp),
+                    *(fingerprint(RECORD_VERSION, full, base_fp, shards_fp, dataclasses.replace(eval_cfg, progress=p)
+                                  .to_dict(), world_fp) for p in (True, False))}
+    legacy_eval = {fingerprint(EVAL_VERSION, dataclasses.replace(eval_cfg, progress=p).to_dict())
+                   for p in (True, False)}
     result_file = run_dir / "result.json"
     saved = _read_result(result_file)
-    trained = saved.get("train_fingerprint", saved.get("fingerprint")) in (train_fp, legacy_fp) and (
+    trained = saved.get("train_fingerprint", saved.get("fingerprint")) in {train_fp, *legacy_train} and (
         tcfg is None or (run_dir / "final").is_dir())
-    if trained and saved.get("eval_fingerprint") == eval_fp:
+    if trained and saved.get("eval_fingerprint") in {eval_fp, *legacy_eval}:
         return saved["record"]
     model_dir = ctx.base_dir
     if tcfg is None:
@@ -295,7 +310,7 @@ def run_experiment(cfg: ExperimentConfig, conditions: Sequence[Condition], out_m
                    root: Path | None = None, progress: bool = True, instance=None) -> list[dict[str, Any]]:
     """Everything: shards, base model, runs, report. Returns the records."""
     t_start = time.perf_counter()
-    root = Path(root) if root else data_root() / "experiment" / cfg.world_preset
+    root = (Path(root) if root else data_root() / "experiment" / cfg.world_preset).resolve()
     ctx = Context(cfg, root, progress)
     prepare_shards(ctx, [c.shards for c in conditions if c.preset], instance=instance)
     if not ctx.world_dir.is_dir():  # only the base model is asked for: still needs the world
