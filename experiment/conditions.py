@@ -12,9 +12,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-SHARD_SETS = ("greedy", "similarity", "random", "greedy_image")
-"""Mined shard sets: the selection rule (`greedy` SAE score + diversity, `similarity` top-K CLIP, `random`) and
-`greedy_image`, greedy with an SAE trained in the image space instead of the fused one."""
+SHARD_SETS: dict[str, tuple[str, str]] = {
+    "greedy": ("greedy", "fused"), "similarity": ("similarity", "fused"), "random": ("random", "fused"),
+    "greedy_image": ("greedy", "image"),
+}
+"""Mined shard sets -> (selection rule, SAE space): `greedy` SAE score + diversity, `similarity` top-K CLIP,
+`random`; `greedy_image` is greedy with an SAE trained in the image space instead of the fused one."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class Condition:
 
     def __post_init__(self) -> None:
         if self.shards not in SHARD_SETS:
-            raise ValueError(f"condition {self.name!r}: shards={self.shards!r} is not one of {SHARD_SETS}")
+            raise ValueError(f"condition {self.name!r}: shards={self.shards!r} is not one of {tuple(SHARD_SETS)}")
 
     def run_key(self) -> str:
         """What identifies the training run (name and group excluded): conditions of two groups that train the

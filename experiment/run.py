@@ -23,11 +23,11 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from experiment.conditions import BASELINE, CONTROL, MAIN, Condition, ablations, train_overrides
+from experiment.conditions import BASELINE, CONTROL, MAIN, SHARD_SETS, Condition, ablations, train_overrides
 from experiment.report import format_console, write_report
 from pipeline.fingerprint import fingerprint, sha256_file
 from pipeline.parquet_io import write_bytes_atomic, write_json_atomic
@@ -84,7 +84,6 @@ class Context:
     root: Path
     """Everything this experiment writes (besides the report): <data root>/experiment/<world preset>."""
     progress: bool = True
-    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def world_dir(self) -> Path:
@@ -108,13 +107,8 @@ def _set_recipes(cfg: ExperimentConfig) -> dict[str, dict[str, dict]]:
     """Shard set -> the asset configs that mine it. K = m: the shards list every candidate in selection order,
     so a run that uses K negatives takes the first K (greedy order is prefix-consistent), and `full pool`
     takes them all."""
-    mining = {"k": cfg.candidates}
-    return {
-        "greedy": {"sae": {"space": "fused"}, "preference_shards": {**mining, "rule": "greedy"}},
-        "similarity": {"sae": {"space": "fused"}, "preference_shards": {**mining, "rule": "similarity"}},
-        "random": {"sae": {"space": "fused"}, "preference_shards": {**mining, "rule": "random"}},
-        "greedy_image": {"sae": {"space": "image"}, "preference_shards": {**mining, "rule": "greedy"}},
-    }
+    return {name: {"sae": {"space": space}, "preference_shards": {"k": cfg.candidates, "rule": rule}}
+            for name, (rule, space) in SHARD_SETS.items()}
 
 
 def _stamp(ctx: Context, recipe: dict) -> str:
@@ -159,7 +153,6 @@ def prepare_shards(ctx: Context, needed: Sequence[str], instance=None) -> None:
     first = True
     # Fused-space sets first: the image-space SAE replaces the fused one in <root>/models/sae.
     for name in sorted(todo, key=lambda n: recipes[n]["sae"]["space"] != "fused"):
-        t0 = time.perf_counter()
         configs = {**base_cfg, **recipes[name]}
         stages = None if first else [s for s in MINE_STAGES if s[0] != ["pool_index"] and s[0] != ["candidates"]]
         done = run_stages("shards", instance=instance, resources=resources, configs=configs, stages=stages)
@@ -168,16 +161,13 @@ def prepare_shards(ctx: Context, needed: Sequence[str], instance=None) -> None:
                                "Dagster logs above (or in the UI), fix the cause and rerun: finished work is kept")
         first = False
         _copy_shards(ctx, name, recipes[name])
-        ctx.timings[f"mine {name}"] = time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------- base model
 def prepare_base(ctx: Context) -> dict[str, Any]:
     from trainer.base_model import BASE_PRESETS, format_report, train_base_model
 
-    t0 = time.perf_counter()
     report = train_base_model(ctx.world_dir, ctx.base_dir, BASE_PRESETS[ctx.cfg.base_preset], progress=ctx.progress)
-    ctx.timings["base model"] = time.perf_counter() - t0
     print(format_report(report), flush=True)
     return report.to_dict()
 
@@ -262,18 +252,10 @@ def run_one(ctx: Context, cond: Condition, seed: int) -> dict[str, Any]:
     train_fp = fingerprint(RECORD_VERSION, _without(tcfg.to_dict() if tcfg else None, PATH_FIELDS), base_fp,
                            shards_fp, world_fp)
     eval_fp = fingerprint(EVAL_VERSION, _without(eval_cfg.to_dict(), ("progress",)))
-    # fingerprints of results written by earlier versions of this runner (paths and progress included)
-    full = tcfg.to_dict() if tcfg else None
-    legacy_train = {fingerprint(RECORD_VERSION, full, base_fp, shards_fp, world_fp),
-                    *(fingerprint(RECORD_VERSION, full, base_fp, shards_fp, dataclasses.replace(eval_cfg, progress=p)
-                                  .to_dict(), world_fp) for p in (True, False))}
-    legacy_eval = {fingerprint(EVAL_VERSION, dataclasses.replace(eval_cfg, progress=p).to_dict())
-                   for p in (True, False)}
     result_file = run_dir / "result.json"
     saved = _read_result(result_file)
-    trained = saved.get("train_fingerprint", saved.get("fingerprint")) in {train_fp, *legacy_train} and (
-        tcfg is None or (run_dir / "final").is_dir())
-    if trained and saved.get("eval_fingerprint") in {eval_fp, *legacy_eval}:
+    trained = saved.get("train_fingerprint") == train_fp and (tcfg is None or (run_dir / "final").is_dir())
+    if trained and saved.get("eval_fingerprint") == eval_fp:
         return saved["record"]
     model_dir = ctx.base_dir
     if tcfg is None:
@@ -326,9 +308,7 @@ def run_experiment(cfg: ExperimentConfig, conditions: Sequence[Condition], out_m
             key = (cond.run_key(), seed)
             print(f"\n=== [{i}/{len(conditions)}] {cond.group}: {cond.name}, seed {seed}", flush=True)
             if key not in runs:
-                t0 = time.perf_counter()
                 runs[key] = run_one(ctx, cond, seed)
-                ctx.timings[f"run {cond.name} s{seed}"] = time.perf_counter() - t0
             records.append({**runs[key], "condition": cond.name, "group": cond.group, "seed": seed})
     out_md = Path(out_md)
     results = out_md.with_suffix(".results.jsonl")
@@ -352,13 +332,13 @@ def preamble(cfg: ExperimentConfig, base: dict[str, Any], ctx: Context, total: f
     lines = [
         f"Generated by `python -m experiment` on {time.strftime('%Y-%m-%d')} "
         f"({platform.machine()}, {os.cpu_count()} CPU cores, no GPU unless stated); every number below comes "
-        f"from `{results.name}` beside this file. The {len(runs)} distinct runs behind it took {train_s / 60:.1f} min of "
-        f"training (reference precompute included) and {eval_s / 60:.1f} min of evaluation when they ran; this "
+        f"from `{results.name}` beside this file. The {len(runs)} distinct runs behind it took "
+        f"{train_s / 60:.1f} min of training (reference precompute included) and {eval_s / 60:.1f} min of evaluation when they ran; this "
         f"invocation took {total / 60:.1f} min (work already current is reused, not redone).",
         "",
         "**Setup.** World preset `{p}`: {n_pool} pool / {n_train} train / {n_test} test scenes of {size} px, "
-        "shapes {shapes}, colours {colours}; {attr} co-occurrence pairs {pairs} (trigger -> partner) at p = {tp} in the {n_text}-caption text corpus, "
-        "p = {ip} in the image data, none in the test split. Base model `{bp}`: {text_steps} language-pretraining "
+        "shapes {shapes}, colours {colours}; {attr} co-occurrence pairs {pairs} (trigger -> partner) at p = {tp} "
+        "in the {n_text}-caption text corpus, p = {ip} in the image data, none in the test split. Base model `{bp}`: {text_steps} language-pretraining "
         "steps on the text corpus, then {steps} image fine-tuning steps; its caption accuracy: colour {colour:.1%}, "
         "position {position:.1%}, count {count:.1%}, shape {shape:.1%} (chance {chance:.0%}).".format(
             p=cfg.world_preset, n_pool=w.n_pool, n_train=w.n_train, n_test=w.n_test, shapes=", ".join(w.shapes),
@@ -398,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, steps=args.steps)
     main_part = not args.ablations or args.all
     conds = plan(main_part, args.ablations or args.all, cfg)
-    name = "experiment" if main_part and not args.ablations else ("ablations" if not args.all else "experiment")
+    name = "ablations" if args.ablations and not args.all else "experiment"
     out = Path(args.out) if args.out else (data_root() / "experiment" / "quick.md" if args.quick
                                            else Path("reports") / f"{name}.md")
     title = ("MISP-DPO against its baselines on the scene world" if main_part else "MISP-DPO ablations")
