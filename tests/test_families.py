@@ -85,6 +85,23 @@ def test_response_span_is_the_templates_assistant_turn(family, loaded):
     assert torch.isfinite(logps).all() and (logps < 0).all()
 
 
+def test_a_template_that_hides_the_answer_boundary_is_refused(loaded):
+    import copy
+
+    processor = copy.deepcopy(loaded["llava"][1])
+    user = "{% for m in messages %}{% if m['role'] == 'user' %}USER: <image>\n{{ m['content'][1]['text'] }} "
+    # The generation prompt is not how the conversation writes the assistant's turn.
+    processor.chat_template = (user + "{% else %}A: {{ m['content'][0]['text'] }}</s>{% endif %}{% endfor %}"
+                               "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    with pytest.raises(ValueError, match="the answer cannot be located; fix the template"):
+        encode_batch(processor, _images(1), PROMPTS[:1], RESPONSES[:1])
+    # The generation prompt ends inside a word that the answer's turn completes: tokens merge across the boundary.
+    processor.chat_template = (user + "{% else %}ASSISTANT: {{ m['content'][0]['text'] }}</s>{% endif %}"
+                               "{% endfor %}{% if add_generation_prompt %}ASSIST{% endif %}")
+    with pytest.raises(ValueError, match="merges the end of the prompt with the start of the answer"):
+        encode_batch(processor, _images(1), PROMPTS[:1], RESPONSES[:1])
+
+
 def _token_logps(model, batch) -> torch.Tensor:
     with torch.no_grad():
         logits = model(**batch.model_inputs()).logits.double()

@@ -181,9 +181,10 @@ def assistant_turn_ids(processor, prompts: Sequence[str], responses: Sequence[st
     out = []
     for head_ids, full_ids in zip(encoded[:len(heads)], encoded[len(heads):]):
         if full_ids[:len(head_ids)] != head_ids:
+            n = len(head_ids)
             raise ValueError(
                 "the tokenizer merges the end of the prompt with the start of the answer "
-                f"({tok.convert_ids_to_tokens(head_ids[-3:])} vs {tok.convert_ids_to_tokens(full_ids[len(head_ids) - 3:len(head_ids) + 2])}); "
+                f"({tok.convert_ids_to_tokens(head_ids[-3:])} vs {tok.convert_ids_to_tokens(full_ids[n - 3:n + 2])}); "
                 "the response span would include prompt text. Use a template whose generation prompt ends at a "
                 "token boundary (e.g. a trailing space or newline)")
         out.append(_end_turn(tok, full_ids[len(head_ids):], special))
