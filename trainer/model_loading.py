@@ -353,10 +353,12 @@ def response_logps_from_model(model, batch: EncodedBatch) -> torch.Tensor:
 def greedy_generate(model, processor, images: Sequence[Image.Image], prompts: Sequence[str], *,
                     max_new_tokens: int = 64, batch_size: int = 64) -> list[str]:
     """Greedy (deterministic) answers, batched with left padding, decoded without special tokens. Decoding stops
-    at the eos or the format's end-of-turn token (`end_of_turn_ids`)."""
+    at the eos, the format's end-of-turn token (`end_of_turn_ids`) or an eos of the model's generation config."""
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stop = end_of_turn_ids(processor)
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    stop = list(dict.fromkeys(end_of_turn_ids(processor) + configured))
     device = next(model.parameters()).device
     side, tok.padding_side = tok.padding_side, "left"
     answers: list[str] = []
