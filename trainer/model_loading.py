@@ -1,7 +1,8 @@
 """Load any local Hugging Face VLM folder, format its prompts, and find the response tokens in a batch.
 
-One path for every model: `AutoProcessor` + `AutoModelForImageTextToText` (LLaVA-1.5 is the reference; the
-world VLM of `trainer.world_vlm` is a small LLaVA; Qwen2-VL goes through the same calls). What a trainer needs:
+One path for every model: `AutoProcessor` + `AutoModelForImageTextToText`. Run here on tiny random-init
+checkpoints of LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM and PaliGemma
+(tests/test_families.py); the world VLM of `trainer.world_vlm` is a small LLaVA. What a trainer needs:
 
     model, processor = load_vlm("data/models/base")
     batch = encode_batch(processor, images, prompts, responses, max_length=512, example_ids=ids)
@@ -9,8 +10,10 @@ world VLM of `trainer.world_vlm` is a small LLaVA; Qwen2-VL goes through the sam
     answers = greedy_generate(model, processor, images, prompts)
 
 A row is `format_prompt(prompt)` tokenised by the processor (which expands the image placeholder into the
-model's image tokens), followed by the response tokenised alone and the end-of-sequence token. Prompt and
-response are tokenised separately (as TRL does), so the response span is exact for any tokenizer.
+model's image tokens), followed by the assistant turn exactly as the model's chat template writes it: the
+conversation rendered with the answer minus the prompt rendered with the generation prompt, tokenised in context
+(`assistant_turn_ids`), up to and including the end-of-turn token. PaliGemma, which has no chat template, goes
+through its processor's prefix/suffix API, with `token_type_ids` 1 over the answer so that it is causal.
 """
 
 from __future__ import annotations
@@ -75,6 +78,15 @@ def load_vlm(path: str | Path, *, dtype: str = "auto", device: str | torch.devic
 
 
 # ---------------------------------------------------------------------------------------------- prompts
+# Processors that read `images` as a list per sample (`[[im], [im], ...]`); a flat list would be one sample with
+# every image of the batch ("number of <image> tokens ... images per sample").
+NESTED_IMAGE_PROCESSORS = ("Idefics2Processor", "Idefics3Processor", "SmolVLMProcessor")
+# Processors with no chat template whose format is a prefix (image tokens, bos, prompt, "\n") and a suffix (answer
+# + eos), told apart by `token_type_ids`: 0 on the prefix, which the model attends bidirectionally, 1 on the
+# suffix, which stays causal. The suffix is given with `processor(..., suffix=...)`.
+PREFIX_SUFFIX_PROCESSORS = ("PaliGemmaProcessor",)
+
+
 def image_token_of(processor) -> str:
     return getattr(processor, "image_token", None) or "<image>"
 
@@ -84,18 +96,109 @@ def image_token_id_of(processor) -> int:
     return int(tid) if tid is not None else int(processor.tokenizer.convert_tokens_to_ids(image_token_of(processor)))
 
 
+def uses_prefix_suffix(processor) -> bool:
+    """True for processors whose answers go in `suffix=` (PaliGemma) rather than an assistant turn."""
+    return type(processor).__name__ in PREFIX_SUFFIX_PROCESSORS
+
+
+def images_argument(processor, images: Sequence[Image.Image]) -> list:
+    """`images` as the processor wants them for one image per row: nested per sample for Idefics3 / SmolVLM."""
+    if type(processor).__name__ in NESTED_IMAGE_PROCESSORS:
+        return [[im] for im in images]
+    return list(images)
+
+
+def _user_turn(text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def _clean(processor, prompt: str) -> str:
+    # An image placeholder already in `prompt` (LLaVA data often has `<image>\n`) is removed: the image goes where
+    # the model's format puts it, once.
+    return prompt.replace(image_token_of(processor), "").strip()
+
+
 def format_prompt(processor, prompt: str) -> str:
-    """The chat-formatted text of a one-image user turn, ready for the assistant's answer.
+    """The formatted text of a one-image user turn, ready for the assistant's answer.
 
     With a chat template: `apply_chat_template` on [image part, text part] with the generation prompt
-    (world VLM / LLaVA-1.5: `USER: <image>\\n{prompt} ASSISTANT:`). Without one: that LLaVA-1.5 format.
-    An image placeholder already in `prompt` (LLaVA data often has `<image>\\n`) is removed: the image goes
-    where the model's format puts it, once."""
-    text = prompt.replace(image_token_of(processor), "").strip()
+    (world VLM / LLaVA-1.5: `USER: <image>\\n{prompt} ASSISTANT:`). PaliGemma: `<image>{prompt}` (its processor
+    expands the image token and adds bos and the "\\n" that ends the prefix). Otherwise LLaVA-1.5's format."""
+    text = _clean(processor, prompt)
+    if uses_prefix_suffix(processor):
+        return image_token_of(processor) + text
     if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return processor.apply_chat_template(_user_turn(text), add_generation_prompt=True, tokenize=False)
     return FALLBACK_TEMPLATE.format(image=image_token_of(processor), prompt=text)
+
+
+def _render_with_answer(processor, prompt: str, response: str) -> str:
+    """The conversation of `prompt` followed by the assistant's `response`, rendered as the model's format."""
+    text = _clean(processor, prompt)
+    if getattr(processor, "chat_template", None):
+        turns = _user_turn(text) + [{"role": "assistant", "content": [{"type": "text", "text": response}]}]
+        return processor.apply_chat_template(turns, add_generation_prompt=False, tokenize=False)
+    return FALLBACK_TEMPLATE.format(image=image_token_of(processor), prompt=text) + " " + response
+
+
+def _special_ids(tok) -> set[int]:
+    return set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+
+
+def _end_turn(tok, turn: list[int], special: set[int]) -> list[int]:
+    """The assistant turn up to its end-of-turn token: whitespace the template writes after that token (ChatML's
+    "\\n" after `<|im_end|>`, a trailing space) is not part of the answer the model generates; a template that ends
+    the turn without a special token (llava-hf's LLaVA-1.5) gets the eos the model was trained to emit."""
+    turn = list(turn)
+    while turn and turn[-1] not in special and not tok.decode([turn[-1]]).strip():
+        turn.pop()
+    if not turn or turn[-1] not in special:
+        if tok.eos_token_id is None:
+            raise ValueError("the chat template ends the assistant turn with no special token and the tokenizer has "
+                             "no eos token; set tokenizer.eos_token to the model's end-of-turn token")
+        turn.append(tok.eos_token_id)
+    return turn
+
+
+def assistant_turn_ids(processor, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
+    """Per row, the token ids of the assistant's answer and its end-of-turn token exactly as the model's format
+    writes them: the conversation rendered with the answer, minus the prompt rendered with the generation prompt,
+    both tokenised whole (so `ĠThe`, not the `The` of the answer tokenised alone, and `<end_of_utterance>` or
+    `<|im_end|>` where the template closes the turn with them). Raises ValueError when the template does not
+    render the prompt as a prefix of the conversation, or when the tokenizer merges tokens across the boundary."""
+    tok = processor.tokenizer
+    heads = [format_prompt(processor, p) for p in prompts]
+    fulls = [_render_with_answer(processor, p, r) for p, r in zip(prompts, responses)]
+    for head, full in zip(heads, fulls):
+        if not full.startswith(head):
+            raise ValueError(
+                "the chat template renders the user turn with the generation prompt as "
+                f"{head[-60:]!r}, but the conversation with an answer as {full[:len(head) + 20][-80:]!r}: the answer "
+                "cannot be located; fix the template (processor.chat_template) so that a conversation starts with "
+                "its prompt rendered with add_generation_prompt=True")
+    encoded = tok(heads + fulls, add_special_tokens=False)["input_ids"]
+    special = _special_ids(tok)
+    out = []
+    for head_ids, full_ids in zip(encoded[:len(heads)], encoded[len(heads):]):
+        if full_ids[:len(head_ids)] != head_ids:
+            n = len(head_ids)
+            raise ValueError(
+                "the tokenizer merges the end of the prompt with the start of the answer "
+                f"({tok.convert_ids_to_tokens(head_ids[-3:])} vs {tok.convert_ids_to_tokens(full_ids[n - 3:n + 2])}); "
+                "the response span would include prompt text. Use a template whose generation prompt ends at a "
+                "token boundary (e.g. a trailing space or newline)")
+        out.append(_end_turn(tok, full_ids[len(head_ids):], special))
+    return out
+
+
+def end_of_turn_ids(processor) -> list[int]:
+    """Token ids that end an answer: the tokenizer's eos and the token the format closes an assistant turn with
+    (Idefics3's `<end_of_utterance>` while its eos is `<|end_of_text|>`). Greedy decoding stops at either."""
+    tok = processor.tokenizer
+    ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    if not uses_prefix_suffix(processor):
+        ids.append(assistant_turn_ids(processor, ["Describe the image."], ["yes"])[0][-1])
+    return list(dict.fromkeys(ids))
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -105,13 +208,13 @@ class EncodedBatch(NamedTuple):
     attention_mask: torch.Tensor
     """(B, T) long, 1 on real tokens."""
     labels: torch.Tensor
-    """(B, T) long: the token id on response tokens (end-of-sequence included), -100 elsewhere."""
+    """(B, T) long: the token id on response tokens (end-of-turn token included), -100 elsewhere."""
     spans: list[tuple[int, int]]
     """Per row, [start, end) of the response tokens in `input_ids` (empty when no responses were given)."""
     truncated: list[bool]
     """Per row, True when `max_length` cut the end of the response."""
     extras: dict[str, torch.Tensor]
-    """The processor's other outputs (`pixel_values`, `image_sizes`, `image_grid_thw`, ...)."""
+    """The processor's other outputs (`pixel_values`, `image_sizes`, `image_grid_thw`, `token_type_ids`, ...)."""
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments of the model's forward."""
@@ -123,15 +226,30 @@ class EncodedBatch(NamedTuple):
                              extras={k: v.to(device) for k, v in self.extras.items()})
 
 
+def _per_token(enc: dict, n: int, width: int) -> dict[str, torch.Tensor]:
+    """Pop the processor's per-token side outputs (Qwen2-VL's `mm_token_type_ids`, PaliGemma's `token_type_ids`):
+    they follow their row. Anything per-token that cannot be extended is refused, not misaligned."""
+    per_token = {k: enc.pop(k) for k in list(enc) if torch.is_tensor(enc[k]) and k != "pixel_values"
+                 and enc[k].shape[:2] == (n, width)}
+    odd = [k for k, v in per_token.items() if v.ndim != 2 or v.is_floating_point()]
+    if odd:
+        raise ValueError(f"the processor returned per-token inputs {odd} that encode_batch cannot extend over "
+                         "the response; add support for them in trainer.model_loading")
+    return per_token
+
+
 def encode_batch(processor, images: Sequence[Image.Image], prompts: Sequence[str],
                  responses: Sequence[str] | None = None, *, max_length: int | None = None,
-                 example_ids: Sequence[str] | None = None, add_eos: bool = True) -> EncodedBatch:
-    """Rows `format_prompt(prompt) + response + eos` with one image each, right-padded, with response labels.
+                 example_ids: Sequence[str] | None = None) -> EncodedBatch:
+    """Rows `format_prompt(prompt) + assistant turn` with one image each, right-padded, with response labels.
 
-    Rows of one example (the response with the positive and each negative image) are just rows here, so a
-    caller groups them into one batch. With `max_length`, a too-long row keeps its prompt whole and loses the
-    end of its response; a row whose prompt (image tokens included) leaves no room for one response token
-    raises ValueError naming the example: truncation must never cut image tokens."""
+    The prompt is tokenised by the processor (which expands the image placeholder into the model's image tokens);
+    the response tokens are the assistant turn as the model's chat template writes it (`assistant_turn_ids`), or
+    for PaliGemma the processor's suffix (with `token_type_ids` 1 over it, so the answer is causal). The
+    processor's own `labels` are never used. Rows of one example (the response with the positive and each negative
+    image) are just rows here, so a caller groups them into one batch. With `max_length`, a too-long row keeps its
+    prompt whole and loses the end of its response; a row whose prompt (image tokens included) leaves no room for
+    one response token raises ValueError naming the example: truncation must never cut image tokens."""
     n = len(prompts)
     if len(images) != n or (responses is not None and len(responses) != n):
         raise ValueError(f"got {len(images)} images, {n} prompts, "
@@ -139,32 +257,34 @@ def encode_batch(processor, images: Sequence[Image.Image], prompts: Sequence[str
     ids = list(example_ids) if example_ids is not None else [f"row {i}" for i in range(n)]
     tok = processor.tokenizer
     texts = [format_prompt(processor, p) for p in prompts]
-    # The processor expands each image placeholder to the model's image tokens; rows are recovered from the
-    # attention mask, so the tokenizer's padding side does not matter.
-    enc = dict(processor(images=list(images), text=texts, return_tensors="pt", padding=True))
-    prompt_ids_padded, prompt_mask = enc.pop("input_ids"), enc.pop("attention_mask")
-    padded_len = prompt_ids_padded.shape[1]
-    # Per-token side outputs (Qwen2-VL's `mm_token_type_ids`: 0 text, 1 image) follow their row; response
-    # tokens are text, so they are extended with 0. Anything else per-token is refused, not misaligned.
-    per_token = {k: enc.pop(k) for k in list(enc) if torch.is_tensor(enc[k]) and k != "pixel_values"
-                 and enc[k].shape[:2] == (n, padded_len)}
-    odd = [k for k, v in per_token.items() if v.ndim != 2 or v.is_floating_point()]
-    if odd:
-        raise ValueError(f"the processor returned per-token inputs {odd} that encode_batch cannot extend over "
-                         "the response; add support for them in trainer.model_loading")
-    if responses is None:
-        response_ids = [[] for _ in range(n)]
-    else:
-        response_ids = tok(list(responses), add_special_tokens=False)["input_ids"]
-        if add_eos:
-            if tok.eos_token_id is None:
-                raise ValueError("the tokenizer has no eos token; pass add_eos=False or set tokenizer.eos_token")
-            response_ids = [r + [tok.eos_token_id] for r in response_ids]
+    suffix = responses is not None and uses_prefix_suffix(processor)
+    kwargs = {"suffix": list(responses)} if suffix else {}
+    # Rows are recovered from the attention mask, so the tokenizer's padding side does not matter.
+    enc = dict(processor(images=images_argument(processor, images), text=texts, return_tensors="pt", padding=True,
+                         **kwargs))
+    enc.pop("labels", None)  # PaliGemma's, padded and over the whole suffix: ours come from the spans
+    ids_padded, mask = enc.pop("input_ids"), enc.pop("attention_mask")
+    per_token = _per_token(enc, n, ids_padded.shape[1])
+    if suffix and "token_type_ids" not in per_token:
+        raise ValueError(f"{type(processor).__name__} returned no token_type_ids with suffix=...: the answer cannot "
+                         "be told from the prompt")
+    turns = (assistant_turn_ids(processor, prompts, responses) if responses is not None and not suffix
+             else [[] for _ in range(n)])
     image_id = image_token_id_of(processor)
-    rows, spans, truncated = [], [], []
+    rows, row_extras, spans, truncated = [], [], [], []
     for i in range(n):
-        prompt = prompt_ids_padded[i][prompt_mask[i].bool()].tolist()
-        resp = response_ids[i]
+        real = mask[i].bool()
+        row_ids = ids_padded[i][real].tolist()
+        values = {k: v[i][real] for k, v in per_token.items()}
+        if suffix:  # prefix | suffix, told apart by token_type_ids
+            kinds = values["token_type_ids"].tolist()
+            if 1 not in kinds:
+                raise ValueError(f"example {ids[i]!r}: the processor marked no suffix token (token_type_ids)")
+            cut_at = kinds.index(1)
+            prompt, resp = row_ids[:cut_at], row_ids[cut_at:]
+        else:  # the processor's prompt, then the template's assistant turn; per-token values of text are 0
+            prompt, resp = row_ids, turns[i]
+            values = {k: torch.cat([v, v.new_zeros(len(resp))]) for k, v in values.items()}
         cut = False
         if max_length is not None and len(prompt) + len(resp) > max_length:
             need = len(prompt) + len(resp)
@@ -181,6 +301,7 @@ def encode_batch(processor, images: Sequence[Image.Image], prompts: Sequence[str
             resp, cut = resp[:max_length - len(prompt)], True
         spans.append((len(prompt), len(prompt) + len(resp)))
         rows.append(prompt + resp)
+        row_extras.append({k: v[:len(prompt) + len(resp)] for k, v in values.items()})
         truncated.append(cut)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     width = max(len(r) for r in rows)
@@ -192,8 +313,8 @@ def encode_batch(processor, images: Sequence[Image.Image], prompts: Sequence[str
         input_ids[i, :len(row)] = torch.tensor(row)
         attention_mask[i, :len(row)] = 1
         labels[i, s:e] = input_ids[i, s:e]
-        for k, v in per_token.items():
-            extras[k][i, :s] = v[i][prompt_mask[i].bool()]
+        for k, v in row_extras[i].items():
+            extras[k][i, :len(row)] = v
     return EncodedBatch(input_ids, attention_mask, labels, spans if responses is not None else [],
                         truncated, {**enc, **extras})
 
@@ -231,19 +352,24 @@ def response_logps_from_model(model, batch: EncodedBatch) -> torch.Tensor:
 @torch.inference_mode()
 def greedy_generate(model, processor, images: Sequence[Image.Image], prompts: Sequence[str], *,
                     max_new_tokens: int = 64, batch_size: int = 64) -> list[str]:
-    """Greedy (deterministic) answers, batched with left padding, decoded without special tokens."""
+    """Greedy (deterministic) answers, batched with left padding, decoded without special tokens. Decoding stops
+    at the eos, the format's end-of-turn token (`end_of_turn_ids`) or an eos of the model's generation config."""
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    stop = list(dict.fromkeys(end_of_turn_ids(processor) + configured))
     device = next(model.parameters()).device
     side, tok.padding_side = tok.padding_side, "left"
     answers: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
             texts = [format_prompt(processor, p) for p in prompts[i:i + batch_size]]
-            enc = processor(images=list(images[i:i + batch_size]), text=texts, return_tensors="pt", padding=True)
-            enc = {k: v.to(device) for k, v in enc.items()}
+            enc = processor(images=images_argument(processor, images[i:i + batch_size]), text=texts,
+                            return_tensors="pt", padding=True)
+            enc = {k: v.to(device) for k, v in enc.items() if k != "labels"}
             out = model.generate(**enc, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                 pad_token_id=pad_id, eos_token_id=tok.eos_token_id)
+                                 pad_token_id=pad_id, eos_token_id=stop)
             new = out[:, enc["input_ids"].shape[1]:]
             answers += [a.strip() for a in tok.batch_decode(new, skip_special_tokens=True)]
     finally:

@@ -3,6 +3,7 @@ final model is saved (`save_pretrained`: an adapter folder, or the merged / full
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import torch
 from trainer.config import TrainConfig
 
 VISION_KEYS = ("vision_tower", "visual", "vision_model", "image_encoder")
-PROJECTOR_KEYS = ("multi_modal_projector", "mm_projector", "merger")
+# The modules between the vision tower and the language model: LLaVA's projector (and LLaVA-NeXT's learned
+# `image_newline`), Qwen2-VL's patch merger, Idefics3 / SmolVLM's connector, PaliGemma's projector.
+PROJECTOR_KEYS = ("multi_modal_projector", "mm_projector", "merger", "connector", "image_newline")
 
 
 def _is_vision(name: str) -> bool:
@@ -22,15 +25,37 @@ def _is_projector(name: str) -> bool:
     return any(k in name for k in PROJECTOR_KEYS)
 
 
+def language_model_prefix(model: torch.nn.Module) -> str | None:
+    """Qualified name of the language model inside a VLM (`model.language_model`, Idefics3's `model.text_model`),
+    found by identity with the model's `get_decoder()`; None when the model does not say (then names decide)."""
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    if decoder is None:
+        return None
+    return next((name for name, module in model.named_modules() if module is decoder and name), None)
+
+
+def _in_language_model(name: str, prefix: str | None) -> bool:
+    if prefix is not None:
+        return name.startswith(prefix + ".")
+    return not _is_vision(name) and not _is_projector(name)
+
+
 def language_linear_modules(model: torch.nn.Module) -> list[str]:
     """Names of the Linear layers of the language model: LoRA's targets for `all-linear` (peft's own
-    `all-linear` would also adapt the frozen vision tower)."""
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not _is_vision(name) and not _is_projector(name) \
-                and not name.endswith("lm_head"):
-            names.add(name.split(".")[-1])
-    return sorted(names)
+    `all-linear` would also adapt the frozen vision tower and the projector / connector)."""
+    prefix = language_model_prefix(model)
+    return sorted({name.split(".")[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and _in_language_model(name, prefix)})
+
+
+def lora_target_pattern(model: torch.nn.Module, targets: list[str]) -> str:
+    """peft `target_modules` regex: the named layers inside the language model only (a module name alone also
+    matches vision-tower layers: Qwen2.5-VL's vision MLP has `gate_proj` too), never a vision or projector one."""
+    prefix = language_model_prefix(model)
+    inside = re.escape(prefix) + r"\..*" if prefix is not None else ".*"
+    return (r"^(?!.*(" + "|".join(VISION_KEYS + PROJECTOR_KEYS) + r"))" + inside
+            + r"\.(" + "|".join(map(re.escape, targets)) + r")$")
 
 
 def prepare_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
@@ -42,10 +67,8 @@ def prepare_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Modu
 
         targets = (language_linear_modules(model) if cfg.lora_target_modules == "all-linear"
                    else [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()])
-        # Restrict to the language model: a module name alone would also match the vision tower's layers.
-        pattern = r"^(?!.*(" + "|".join(VISION_KEYS + PROJECTOR_KEYS) + r")).*\.(" + "|".join(targets) + r")$"
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=pattern, bias="none")
+                          target_modules=lora_target_pattern(model, targets), bias="none")
         model = get_peft_model(model, lora)
         if not cfg.freeze_projector:
             for name, p in model.named_parameters():
