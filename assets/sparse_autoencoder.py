@@ -123,7 +123,7 @@ def sae(context: dg.AssetExecutionContext, config: SaeTrainingConfig, data_root:
         meta["top_latents"] = _md_table(best.sort("auroc", descending=True).head(15))
         meta["latent_report"] = dg.MetadataValue.path(str(report))
     outcomes = {"sae_val_fvu": check_sae_fvu(history["final_val"]),
-                "sae_live_latents": check_sae_live_latents(history["final_val"])}
+                "sae_live_latents": check_sae_live_latents(codes, config.kind)}
     return dg.MaterializeResult(metadata=meta, check_results=[
         dg.AssetCheckResult(check_name=name, passed=o.passed, description=o.description, metadata=o.details,
                             severity=dg.AssetCheckSeverity.ERROR) for name, o in outcomes.items()])

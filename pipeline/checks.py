@@ -62,13 +62,17 @@ EMBEDDING_CHECKS = {
 # A mining run with a broken or random CLIP does not crash: it produces tables of the right shape and wrong content.
 # These checks fail (severity ERROR) on the symptoms, each naming the likely cause and the knob.
 
-COLLAPSE_THRESHOLD = 0.9
-"""Mean pairwise cosine of image embeddings above which they have collapsed (a trained CLIP on natural images sits
-well below 0.6; a random ViT-B-32 at ~0.99)."""
+COLLAPSE_THRESHOLD = 0.95
+"""Mean pairwise cosine of image embeddings above which they have collapsed. Measured on the tiny world: its trained
+world CLIP 0.80-0.82 per shard (synthetic scenes on few backgrounds look alike), a random ViT-B-32 see
+docs/mining.md."""
 SHORT_MAJORITY = 0.5
 """`enough_candidates` fails when more than this fraction of examples has fewer than K candidates."""
 MAX_DEAD_FRACTION = 0.5
-"""`sae_live_latents` fails when more than this fraction of latents never fires on the held-out pairs."""
+"""`sae_live_latents` fails when more than this fraction of latents is dead (`dead_latents`)."""
+MIN_LATENT_STD = 1e-3
+"""A sigmoid latent whose activation varies less than this over the pairs is dead (the tiny world's healthy SAE:
+every latent's standard deviation above 7e-3)."""
 
 
 def mean_pairwise_cosine(m: np.ndarray) -> float | None:
@@ -130,14 +134,30 @@ def check_sae_fvu(final_val: dict) -> CheckOutcome:
         "are degenerate (collapsed CLIP embeddings: see the `not_collapsed` checks, MISP_CLIP_PRETRAINED)."), details)
 
 
-def check_sae_live_latents(final_val: dict, max_dead: float = MAX_DEAD_FRACTION) -> CheckOutcome:
-    """At most `max_dead` of the latents never fire on the held-out pairs."""
-    dead = final_val.get("dead_fraction")
-    details = {"dead_fraction": dead, "max_dead_fraction": max_dead, "mean_l0": final_val.get("mean_l0")}
-    if isinstance(dead, (int, float)) and np.isfinite(dead) and dead <= max_dead:
-        return CheckOutcome(True, f"{dead:.1%} of latents are dead (never fire on held-out pairs)", details)
+def dead_latents(codes: np.ndarray, kind: str, min_std: float = MIN_LATENT_STD) -> np.ndarray:
+    """(k,) bool: latents that carry no information over these pairs. `topk`: never non-zero. `sigmoid`: an
+    activation that varies by less than `min_std` (standard deviation over the pairs), stuck wherever it sits. Not
+    sae.metrics' firing threshold (0.5): a healthy sigmoid SAE trained towards rho = 0.05 keeps its activations near
+    rho and may never cross 0.5 (the tiny world's SAE: every latent below 0.09, none constant), so `dead_fraction`
+    reads 1.0 on a good sigmoid SAE."""
+    codes = np.asarray(codes, dtype=np.float64)
+    if kind == "topk":
+        return ~(codes != 0).any(axis=0)
+    return ~(codes.std(axis=0) >= min_std)
+
+
+def check_sae_live_latents(codes: np.ndarray, kind: str, max_dead: float = MAX_DEAD_FRACTION) -> CheckOutcome:
+    """At most `max_dead` of the latents are dead (`dead_latents`) over the pairs `codes` (N, k) encodes."""
+    dead = dead_latents(codes, kind)
+    frac = float(dead.mean()) if dead.size else 1.0
+    details = {"dead_latents": int(dead.sum()), "latents": int(dead.size), "dead_fraction": frac,
+               "max_dead_fraction": max_dead, "kind": kind, "pairs": int(np.shape(codes)[0])}
+    if frac <= max_dead:
+        return CheckOutcome(True, f"{int(dead.sum())} of {dead.size} latents dead ({'never fire' if kind == 'topk' else 'constant'} over {details['pairs']} pairs)", details)
     return CheckOutcome(False, (
-        f"{dead if not isinstance(dead, float) else f'{dead:.1%}'} of the SAE's latents never fire on held-out pairs "
-        f"(more than {max_dead:.0%}). Likely causes: too strong a sparsity pressure (SaeTrainingConfig.rho / gamma "
-        "for `sigmoid`, k_active for `topk`) or too many latents (num_latents) for the data; or degenerate inputs "
-        "(collapsed CLIP embeddings: see the `not_collapsed` checks, MISP_CLIP_PRETRAINED)."), details)
+        f"{int(dead.sum())} of {dead.size} SAE latents ({frac:.1%}, more than {max_dead:.0%}) are dead: "
+        f"{'they never fire' if kind == 'topk' else 'their activation is constant'} over the {details['pairs']} "
+        "pairs. Likely causes: training diverged or saturated (SaeTrainingConfig.lr), too strong a sparsity pressure "
+        "(rho / gamma for `sigmoid`, k_active for `topk`) or too many latents (num_latents) for the data; or "
+        "degenerate inputs (collapsed CLIP embeddings: see the `not_collapsed` checks, MISP_CLIP_PRETRAINED)."),
+        details)
