@@ -58,6 +58,10 @@ LLAVA_POPE_SUFFIX = "Answer the question using a single word or phrase."
 EVAL_SCHEMA = 1
 
 
+SOURCE_FIELDS = ("amber_tasks", "coco_split", "caption_prompt")
+"""EvalConfig fields that one public benchmark alone reads; recorded in the result's `source`."""
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """How to evaluate; the source (world, POPE files, AMBER, COCO) and the model are arguments of
@@ -127,7 +131,9 @@ class EvalConfig:
             raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field but `SOURCE_FIELDS` (those are in the result's `source`): a world evaluation's config, and
+        so the experiment's fingerprint of it, stays what it was before AMBER and COCO were added."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in SOURCE_FIELDS}
 
 
 class Question(NamedTuple):
@@ -370,7 +376,8 @@ def evaluate_model(model_dir: str | os.PathLike, world_dir: str | os.PathLike | 
         caption_reqs = [(im.path, cfg.caption_prompt) for im in coco_images]
         source = {"kind": "coco_chair", "annotations": coco.paths, "synonyms": str(coco_synonyms),
                   "synonyms_sha256": sha256_file(Path(coco_synonyms).expanduser()), "images": str(image_dir),
-                  "split": cfg.coco_split, "n_images": len(coco_images), "seed": cfg.seed}
+                  "split": cfg.coco_split, "prompt": cfg.caption_prompt, "n_images": len(coco_images),
+                  "seed": cfg.seed}
     device = resolve_device(cfg.device)
     base_dir = None
     if model is None:

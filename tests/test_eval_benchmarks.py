@@ -236,6 +236,9 @@ def test_cli_scores_chair_on_coco_end_to_end(tiny_vlm, tiny_world, tmp_path, cap
     assert c["n_captions"] == 2 and all(_in_range(c[k]) for k in ("chair_i", "chair_s", "recall", "empty"))
     assert result["pope"] == {} and result["chair"] is None and "image 3" in result["problems"][0]
     assert result["source"]["split"] == "val2014" and len(answers_path(out).read_text().splitlines()) == 2
+    # Benchmark-only knobs are recorded in `source`, and kept out of `config` (whose world fields key experiments).
+    assert result["source"]["prompt"] == "Please describe this image in detail."
+    assert not {"caption_prompt", "coco_split", "amber_tasks"} & set(result["config"])
     assert "COCO CHAIR (2 captions)" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # the synonym list is the user's to give
         main(["--model", str(tiny_vlm), "--coco-chair", str(ann), "--images", str(images)])
