@@ -60,12 +60,12 @@ EMBEDDING_CHECKS = {
 
 # ---------------------------------------------------------------------------------------------- silent degradation
 # A mining run with a broken or random CLIP does not crash: it produces tables of the right shape and wrong content.
-# These checks fail (severity ERROR) on the symptoms, each naming the likely cause and the knob.
+# These checks fail (severity ERROR) on the symptoms, whatever their cause, each naming the likely cause and the knob.
 
 COLLAPSE_THRESHOLD = 0.95
 """Mean pairwise cosine of image embeddings above which they have collapsed. Measured on the tiny world: its trained
-world CLIP 0.80-0.82 per shard (synthetic scenes on few backgrounds look alike), a random ViT-B-32 see
-docs/mining.md."""
+world CLIP 0.80-0.82 per shard (synthetic scenes on few backgrounds look alike), a random ViT-B-32 0.56-0.69; a
+checkpoint that maps every image to one vector 1.0 (docs/mining.md)."""
 SHORT_MAJORITY = 0.5
 """`enough_candidates` fails when more than this fraction of examples has fewer than K candidates."""
 MAX_DEAD_FRACTION = 0.5

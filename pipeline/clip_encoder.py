@@ -4,8 +4,8 @@ Checkpoints load from local files only unless the user is online:
   - `model="local-dir:/path"`: a folder with `open_clip_config.json` + weights (the world CLIP is saved so);
   - `model="ViT-B-32", pretrained="/path/to/weights.safetensors"`: a built-in architecture + a local file;
   - `model="ViT-B-32", pretrained="random"`: random init, only when asked for by name (benchmarks): a built-in
-    architecture with no weights is refused, since mining with a random CLIP degrades silently (every image embeds
-    to nearly the same vector, near-duplicate exclusion empties the candidate pools, the SAE learns nothing);
+    architecture with no weights is refused, since mining with a random CLIP degrades silently (nothing fails,
+    and the candidates, near-duplicate exclusion and SAE codes are meaningless);
   - `model="hf-hub:org/repo"` or a pretrained *tag*: downloads, so only when online (HF_HUB_OFFLINE unset).
 """
 
@@ -46,7 +46,7 @@ class ClipSpec:
     precision: str = "fp32"
     """open_clip precision: `fp32`, `bf16`, `fp16` (the latter two on GPU)."""
     seed: int = 0
-    """Seed of the random init when no weights are given (benchmarks)."""
+    """Seed of the random init (`pretrained="random"`, benchmarks)."""
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -58,15 +58,15 @@ class ClipSpec:
                     f"CLIP folder {folder} has no open_clip_config.json; a local-dir checkpoint needs "
                     "open_clip_config.json and open_clip_model.safetensors (or .bin)"
                 )
+        if self.precision not in {"fp32", "bf16", "fp16", "pure_bf16", "pure_fp16", "amp", "amp_bf16"}:
+            raise ValueError(f"unknown precision {self.precision!r}; use fp32, bf16 or fp16")
         if not self.model.startswith((LOCAL_DIR, "hf-hub:")) and not self.pretrained:
             raise ValueError(
-                f"CLIP architecture {self.model!r} is given without weights: mining with a randomly initialised CLIP "
-                "embeds every image to nearly the same vector and silently degrades every later stage. Set "
+                f"CLIP architecture {self.model!r} is given without weights: a randomly initialised CLIP mines "
+                "without any error, but its retrieval, near-duplicate exclusion and SAE codes mean nothing. Set "
                 "MISP_CLIP_PRETRAINED (ClipModel.pretrained / ClipSpec.pretrained) to a local weights file, e.g. "
                 "/models/open_clip_model.safetensors, or use MISP_CLIP_MODEL=local-dir:<folder>; if you really want "
                 f"random weights (benchmarks), say so: MISP_CLIP_PRETRAINED={RANDOM}")
-        if self.precision not in {"fp32", "bf16", "fp16", "pure_bf16", "pure_fp16", "amp", "amp_bf16"}:
-            raise ValueError(f"unknown precision {self.precision!r}; use fp32, bf16 or fp16")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -1,7 +1,8 @@
 """A mining run that cannot silently degrade: a built-in CLIP without weights is refused unless `random` is said,
 and asset checks (severity ERROR) fail on collapsed embeddings, candidate pools short of K, a diverged SAE and dead
 latents, each naming the likely cause and the knob. Check functions against hand-computed values; the embedding
-check on a real instance with a real random ViT-B-32; the healthy tiny-world run passes every new check."""
+check on a real instance with a deliberately broken CLIP checkpoint; the healthy tiny-world run passes every new
+check."""
 
 import shutil
 
@@ -9,12 +10,15 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from assets.definitions import all_assets
 from assets.resources import ClipModel, DataRoot, DataSource, resources_from_env
 from pipeline.checks import (check_enough_candidates, check_not_collapsed, check_sae_fvu, check_sae_live_latents,
                              mean_pairwise_cosine)
-from pipeline.clip_encoder import ClipEncoder, ClipSpec, checkpoint_fingerprint
+from pipeline.clip_encoder import ClipSpec, checkpoint_fingerprint
+from pipeline.sharding import shard_keys
 
 
 def _table(rows):
@@ -103,24 +107,30 @@ def test_every_new_check_passes_on_the_healthy_tiny_world_run(mined):
     for name in ("not_collapsed", "enough_candidates", "sae_val_fvu", "sae_live_latents"):
         assert by_name.get(name), f"no {name} evaluation"
         assert all(e.passed for e in by_name[name]), [(name, e.metadata) for e in by_name[name]]
-    assert len(by_name["not_collapsed"]) == 4  # pool and positive embeddings, 2 shards
+    assert len(by_name["not_collapsed"]) == 2 * len(shard_keys())  # pool and positive embeddings, every shard
 
 
-def test_collapse_check_fails_on_a_random_clip_materialised_on_a_real_instance(mined, tmp_path):
-    """The issue's run: MISP_CLIP_MODEL=ViT-B-32 with random weights (said explicitly) embeds the tiny world's pool;
-    the run completes and the ERROR-severity check says why its output is useless."""
-    root = tmp_path / "data"
+def test_collapse_check_fails_on_a_collapsed_clip_materialised_on_a_real_instance(mined, tmp_path):
+    """A deliberately broken checkpoint: the tiny world's CLIP with its vision tower's last LayerNorm scale zeroed
+    (and a fixed bias), so every image embeds to the same vector. The run completes; the ERROR check says why its
+    output is useless, while `finite` and `unit_norm` pass."""
+    root, clip_dir = tmp_path / "data", tmp_path / "broken-clip"
     for sub in ("world", "ingest"):
         shutil.copytree(mined[0] / sub, root / sub)
+    shutil.copytree(mined[0] / "models" / "clip", clip_dir)
+    weights = load_file(str(clip_dir / "open_clip_model.safetensors"))
+    weights["visual.ln_post.weight"] = torch.zeros_like(weights["visual.ln_post.weight"])
+    weights["visual.ln_post.bias"] = torch.randn(weights["visual.ln_post.bias"].shape,
+                                                 generator=torch.Generator().manual_seed(0))
+    save_file(weights, str(clip_dir / "open_clip_model.safetensors"))
     resources = {"data_root": DataRoot(path=str(root)), "source": DataSource(kind="world", world_preset="tiny"),
-                 "clip": ClipModel(model="ViT-B-32", pretrained="random", device="cpu", batch_size=64)}
-    result = dg.materialize(all_assets, selection=["pool_embeddings"], partition_key="000", resources=resources,
-                            instance=dg.DagsterInstance.ephemeral())
+                 "clip": ClipModel(model=f"local-dir:{clip_dir}", device="cpu")}
+    result = dg.materialize(all_assets, selection=["pool_embeddings"], partition_key=shard_keys()[0],
+                            resources=resources, instance=dg.DagsterInstance.ephemeral())
     assert result.success  # nothing crashes: that is why the check exists
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     bad = checks["not_collapsed"]
     assert not bad.passed and bad.severity == dg.AssetCheckSeverity.ERROR
-    assert bad.metadata["mean_pairwise_cosine"].value > 0.95
-    print("random ViT-B-32 mean pairwise cosine", bad.metadata["mean_pairwise_cosine"].value)
-    assert "MISP_CLIP_PRETRAINED" in bad.description
+    assert bad.metadata["mean_pairwise_cosine"].value > 0.999 and bad.metadata["rows"].value > 10
+    assert "MISP_CLIP_PRETRAINED" in bad.description and "collapsed" in bad.description
     assert checks["finite"].passed and checks["unit_norm"].passed  # the table looks fine otherwise
