@@ -525,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--coco-synonyms", dest="coco_synonyms", default=None,
                     help="CHAIR's synonyms.txt (needed by --coco-chair; not shipped, see docs/eval.md)")
     ap.add_argument("--images", default=None,
-                    help="the folder the images of --pope / --amber / --coco-chair are in (COCO val2014/, AMBER's image/)")
+                    help="the folder the images of --pope / --amber / --coco-chair are in (val2014/, AMBER's image/)")
     ap.add_argument("--base", default=None,
                     help="a LoRA adapter's base model folder (default: the adapter config's base_model_name_or_path)")
     ap.add_argument("--out", default=None,

@@ -153,7 +153,9 @@ def check_sae_live_latents(codes: np.ndarray, kind: str, max_dead: float = MAX_D
     details = {"dead_latents": int(dead.sum()), "latents": int(dead.size), "dead_fraction": frac,
                "max_dead_fraction": max_dead, "kind": kind, "pairs": int(np.shape(codes)[0])}
     if frac <= max_dead:
-        return CheckOutcome(True, f"{int(dead.sum())} of {dead.size} latents dead ({'never fire' if kind == 'topk' else 'constant'} over {details['pairs']} pairs)", details)
+        how = "never fire" if kind == "topk" else "constant"
+        return CheckOutcome(True, f"{int(dead.sum())} of {dead.size} latents dead ({how} over {details['pairs']} "
+                                  "pairs)", details)
     return CheckOutcome(False, (
         f"{int(dead.sum())} of {dead.size} SAE latents ({frac:.1%}, more than {max_dead:.0%}) are dead: "
         f"{'they never fire' if kind == 'topk' else 'their activation is constant'} over the {details['pairs']} "

@@ -73,7 +73,8 @@ def write_amber(root, image_sources=None):
 def test_amber_reader_keeps_good_queries_and_reports_bad_ones(tmp_path):
     root, images = write_amber(tmp_path / "AMBER")
     data = read_amber(root, images)
-    assert [it.id for it in data.generative] == [1, 2, 3] and [it.id for it in data.discriminative] == list(range(4, 10))
+    assert [it.id for it in data.generative] == [1, 2, 3]
+    assert [it.id for it in data.discriminative] == list(range(4, 10))
     assert data.generative[0].truth == ["sky", "person", "beach"] and data.generative[0].hallu == ("dog", "ship", "sun")
     assert data.discriminative[2] == AmberItem(6, "AMBER_1.jpg", (images / "AMBER_1.jpg").resolve(),
                                                "Is the sky sunny in this image?", "discriminative-attribute-state",
