@@ -14,7 +14,7 @@ from assets.metadata import counts_table, markdown_table, table_schema
 from assets.partitions import shard_partitions
 from assets.resources import ClipModel, DataRoot
 from assets.source import pool_images, preference_examples
-from pipeline.checks import check_finite, check_unique_keys, check_unit_norm
+from pipeline.checks import check_finite, check_not_collapsed, check_unique_keys, check_unit_norm
 from pipeline.clip_encoder import ClipEncoder, checkpoint_fingerprint
 from pipeline.embed import (pool_embedding_table, positive_embedding_table, prompt_embedding_table,
                            quarantine_non_finite)
@@ -23,16 +23,18 @@ from pipeline.parquet_io import read_metadata, read_pair_if_current, write_pair
 from pipeline.paths import shard_file
 
 CHECKS = ("finite", "unit_norm", "one_row_per_input")
+IMAGE_CHECKS = CHECKS + ("not_collapsed",)
+"""Image tables also fail when every image embeds alike (a random CLIP); a shard's few prompts may well be alike."""
 
 
 def _embedding_asset(name: str, folder: str, upstream: dg.AssetsDefinition, upstream_folder: str,
                      build: Callable[..., pl.DataFrame], expected_keys: Callable[[pl.DataFrame], list[str]],
-                     doc: str) -> dg.AssetsDefinition:
+                     doc: str, checks: tuple[str, ...] = CHECKS) -> dg.AssetsDefinition:
     """One per-shard embedding asset: reads its upstream shard, embeds, writes, checks."""
 
     @dg.asset(name=name, group_name="embeddings", partitions_def=shard_partitions, deps=[upstream, clip_model],
               kinds={"parquet", "pytorch"}, description=doc,
-              check_specs=[dg.AssetCheckSpec(c, asset=name) for c in CHECKS])
+              check_specs=[dg.AssetCheckSpec(c, asset=name) for c in checks])
     def _asset(context: dg.AssetExecutionContext, data_root: DataRoot, clip: ClipModel) -> dg.MaterializeResult:
         root = data_root.root()
         src = shard_file(root / "ingest" / upstream_folder, context.partition_key)
@@ -58,6 +60,8 @@ def _embedding_asset(name: str, folder: str, upstream: dg.AssetsDefinition, upst
                                 f"inf and were quarantined to {qout}; the CLIP checkpoint looks broken")
         outcomes = {"finite": check_finite(table), "unit_norm": check_unit_norm(table),
                     "one_row_per_input": check_unique_keys(table, expected_keys(inputs), quarantine["id"].to_list())}
+        if "not_collapsed" in checks:
+            outcomes["not_collapsed"] = check_not_collapsed(table)
         return dg.MaterializeResult(
             metadata={"dagster/row_count": table.height, "rows_in": table.height + quarantine.height,
                       "rows_quarantined": quarantine.height,
@@ -67,7 +71,8 @@ def _embedding_asset(name: str, folder: str, upstream: dg.AssetsDefinition, upst
                       "preview": markdown_table(table), "quarantine_preview": markdown_table(quarantine.drop("raw")),
                       "dagster/column_schema": table_schema(table)},
             check_results=[dg.AssetCheckResult(check_name=c, passed=o.passed, description=o.description,
-                                               metadata=o.details) for c, o in outcomes.items()],
+                                               metadata=o.details, severity=dg.AssetCheckSeverity.ERROR)
+                           for c, o in outcomes.items()],
         )
 
     return _asset
@@ -76,11 +81,11 @@ def _embedding_asset(name: str, folder: str, upstream: dg.AssetsDefinition, upst
 pool_embeddings = _embedding_asset(
     "pool_embeddings", "pool", pool_images, "pool", pool_embedding_table,
     lambda df: df["image_id"].to_list(),
-    "CLIP image embeddings of the shard's pool images (one row per image, L2-normalised).")
+    "CLIP image embeddings of the shard's pool images (one row per image, L2-normalised).", IMAGE_CHECKS)
 positive_embeddings = _embedding_asset(
     "positive_embeddings", "positives", preference_examples, "examples", positive_embedding_table,
     lambda df: df["image_sha256"].unique().to_list(),
-    "CLIP image embeddings of the shard's positive images (one row per unique image content).")
+    "CLIP image embeddings of the shard's positive images (one row per unique image content).", IMAGE_CHECKS)
 prompt_embeddings = _embedding_asset(
     "prompt_embeddings", "prompts", preference_examples, "examples", prompt_embedding_table,
     lambda df: [text_id(p) for p in df["prompt"].unique().to_list()],

@@ -15,6 +15,7 @@ from assets.metadata import markdown_table, table_schema
 from assets.partitions import shard_index, shard_partitions
 from assets.resources import ClipModel, DataRoot, DataSource
 from assets.source import preference_examples
+from pipeline.checks import check_enough_candidates
 from pipeline.contact_sheet import contact_sheet
 from pipeline.fingerprint import fingerprint, sha256_file
 from pipeline.mine import MiningConfig, PoolTable, candidate_table, drop_unembedded, mine_shard
@@ -107,10 +108,14 @@ class CandidatesConfig(dg.Config):
     """Cosine at or above which a pool image is a near-duplicate of the positive and excluded."""
     rank_min: int = 0
     """Skip this many nearest eligible candidates."""
+    k: int = 3
+    """K of the mining run (MiningRunConfig.k): the `enough_candidates` check fails when most examples have fewer
+    candidates than this. Not part of the candidates' fingerprint (it changes no row)."""
 
 
 @dg.asset(group_name="mining", partitions_def=shard_partitions, kinds={"faiss", "parquet"},
-          deps=[pool_index, preference_examples, positive_embeddings, prompt_embeddings])
+          deps=[pool_index, preference_examples, positive_embeddings, prompt_embeddings],
+          check_specs=[dg.AssetCheckSpec("enough_candidates", asset="candidates")])
 def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data_root: DataRoot) -> dg.MaterializeResult:
     """Per example of the shard, the M nearest pool images to its positive (positive and near-duplicates out)."""
     root = data_root.root()
@@ -120,7 +125,8 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
     pool, pool_fp = load_pool_table(root)
     cfg = MiningConfig(m=config.m, dup_threshold=config.dup_threshold, rank_min=config.rank_min)
     out = shard_file(root / "mining" / "candidates", key)
-    fp = fingerprint("candidates", pool_fp, read_metadata(positives_path)["fingerprint"], config.model_dump())
+    fp = fingerprint("candidates", pool_fp, read_metadata(positives_path)["fingerprint"],
+                     config.model_dump(exclude={"k"}))
     warnings: tuple = ()
     examples, unembedded = drop_unembedded(pl.read_parquet(examples_path), pl.read_parquet(positives_path),
                                            pl.read_parquet(shard_file(root / "embeddings" / "prompts", key)))
@@ -137,7 +143,10 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
         context.log.warning(w)
     counts = table["cand_rows"].list.len()
     sims = table["cand_sims"].explode(empty_as_null=True).drop_nulls()
-    return dg.MaterializeResult(metadata={
+    enough = check_enough_candidates(table, config.k, config.dup_threshold)
+    return dg.MaterializeResult(check_results=[dg.AssetCheckResult(
+        check_name="enough_candidates", passed=enough.passed, description=enough.description,
+        metadata=enough.details, severity=dg.AssetCheckSeverity.ERROR)], metadata={
         "dagster/row_count": table.height, "mean_candidates": float(counts.mean() or 0),
         "examples_without_embedding": unembedded.height,
         "examples_with_shortfall": int((table["shortfall"] > 0).sum()),

@@ -10,6 +10,7 @@ import polars as pl
 from assets.metadata import markdown_table
 from assets.mining import _all_shards, candidates, load_pool_table
 from assets.resources import DataRoot, DataSource
+from pipeline.checks import check_sae_fvu, check_sae_live_latents
 from pipeline.fingerprint import fingerprint
 from pipeline.mine import training_pairs
 from pipeline.parquet_io import read_metadata, write_json_atomic, write_parquet_atomic
@@ -70,7 +71,11 @@ def _md_table(df: pl.DataFrame, n: int = 20) -> dg.MetadataValue:
     return markdown_table(df, n=n, drop=())
 
 
-@dg.asset(group_name="mining", deps=[candidates], kinds={"pytorch", "safetensors"})
+SAE_CHECKS = ("sae_val_fvu", "sae_live_latents")
+
+
+@dg.asset(group_name="mining", deps=[candidates], kinds={"pytorch", "safetensors"},
+          check_specs=[dg.AssetCheckSpec(name, asset="sae") for name in SAE_CHECKS])
 def sae(context: dg.AssetExecutionContext, config: SaeTrainingConfig, data_root: DataRoot,
         source: DataSource) -> dg.MaterializeResult:
     """Sparse autoencoder over prompt-conditioned embedding differences, with its training curve, held-out
@@ -117,4 +122,8 @@ def sae(context: dg.AssetExecutionContext, config: SaeTrainingConfig, data_root:
             pl.len().alias("latents"), pl.col("auroc").max().alias("max_auroc")).sort("best_attribute"))
         meta["top_latents"] = _md_table(best.sort("auroc", descending=True).head(15))
         meta["latent_report"] = dg.MetadataValue.path(str(report))
-    return dg.MaterializeResult(metadata=meta)
+    outcomes = {"sae_val_fvu": check_sae_fvu(history["final_val"]),
+                "sae_live_latents": check_sae_live_latents(codes, config.kind)}
+    return dg.MaterializeResult(metadata=meta, check_results=[
+        dg.AssetCheckResult(check_name=name, passed=o.passed, description=o.description, metadata=o.details,
+                            severity=dg.AssetCheckSeverity.ERROR) for name, o in outcomes.items()])

@@ -62,7 +62,7 @@ def main() -> None:
         save_world_clip(open_clip.CLIP(**cfg.model_cfg()), cfg, world_dir, {"note": "random init for bench"})
         models = {
             "world CLIP (64 px, ~2M vision+text)": ClipSpec(model=f"local-dir:{world_dir}", device="cpu"),
-            "ViT-B-32 (224 px, random init)": ClipSpec(model="ViT-B-32", device="cpu"),
+            "ViT-B-32 (224 px, random init)": ClipSpec(model="ViT-B-32", pretrained="random", device="cpu"),
         }
         rows = []
         for name, spec in models.items():

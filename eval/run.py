@@ -1,9 +1,13 @@
-"""Evaluate any local HF VLM folder on the scene world's hallucination benchmarks or on public POPE files.
+"""Evaluate any local HF VLM folder (or LoRA adapter folder) on the scene world's hallucination benchmarks, on
+public POPE files, on AMBER or with CHAIR on COCO.
 
     python -m eval --model data/models/base --world data/world/default-seed0            # world POPE + CHAIR
     python -m eval --model data/models/base --world data/world/default-seed0 --limit 200
     python -m eval --model /models/llava-1.5-7b-hf --device cuda --dtype bfloat16 \\
         --pope POPE/output/coco/coco_pope_{random,popular,adversarial}.json --images coco/val2014
+    python -m eval --model data/runs/lora/final --amber AMBER --images AMBER/image     # base from adapter_config
+    python -m eval --model DIR --coco-chair coco/annotations --coco-synonyms synonyms.txt --images coco/val2014 \\
+        --limit 500 --max-new-tokens 512
 
     from eval.run import EvalConfig, evaluate_model
     result = evaluate_model("data/models/base", "data/world/default-seed0", config=EvalConfig(limit=100))
@@ -33,6 +37,10 @@ import transformers
 from PIL import Image
 from tqdm.auto import tqdm
 
+from eval import amber as amber_bench
+from eval import coco_chair
+from eval.amber import TASKS as AMBER_TASKS
+from eval.coco_chair import DEFAULT_PROMPT as COCO_PROMPT
 from eval.metrics import ANSWER_RULES, LEVELS, chair_metrics, pope_metrics, prior_hallucinations, \
     resolve_answer
 from eval.pope_reader import read_pope
@@ -50,14 +58,20 @@ LLAVA_POPE_SUFFIX = "Answer the question using a single word or phrase."
 EVAL_SCHEMA = 1
 
 
+SOURCE_FIELDS = ("amber_tasks", "coco_split", "caption_prompt")
+"""EvalConfig fields that one public benchmark alone reads; recorded in the result's `source`."""
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    """How to evaluate; the source (world or POPE files) and the model are arguments of `evaluate_model`."""
+    """How to evaluate; the source (world, POPE files, AMBER, COCO) and the model are arguments of
+    `evaluate_model`."""
 
     limit: int | None = None
-    """World: the first N test scenes (sorted by id); POPE: the first N good questions of each file."""
+    """World: the first N test scenes (sorted by id); POPE: the first N good questions of each file; AMBER: the
+    first N good queries of each task; COCO: N images drawn with `seed`."""
     seed: int = 0
-    """Seed of the world probes (which objects are asked about); decoding is greedy."""
+    """Seed of the world probes (which objects are asked about) and of the COCO image draw; decoding is greedy."""
     settings: tuple[str, ...] = SETTINGS
     """World POPE settings to build."""
     probe_level: str = "object"
@@ -70,7 +84,8 @@ class EvalConfig:
     """`first_word` (yes/no must open the answer, else unparsed, counted as no) or `pope` (the reference script's
     rule: no/not in the first sentence means no, anything else yes)."""
     pope_suffix: str = LLAVA_POPE_SUFFIX
-    """POPE files: appended on a new line to each question (LLaVA-1.5's evaluation prompt); '' for none."""
+    """POPE files and AMBER's yes/no queries: appended on a new line to each question (LLaVA-1.5's evaluation
+    prompt); '' for none."""
     batch_size: int = 64
     """Rows per generation batch."""
     max_new_tokens: int = 64
@@ -85,11 +100,22 @@ class EvalConfig:
     """Allow a model folder's own code (config auto_map)."""
     samples: int = 5
     """Answers per setting (and captions) copied into the result for a look."""
+    amber_tasks: tuple[str, ...] = AMBER_TASKS
+    """AMBER: `discriminative` (yes/no) and/or `generative` (descriptions scored with CHAIR / Cover / Hal / Cog)."""
+    coco_split: str = "val2014"
+    """CHAIR on COCO: the split whose `instances_<split>.json` / `captions_<split>.json` give the ground truth."""
+    caption_prompt: str = COCO_PROMPT
+    """CHAIR on COCO: the captioning prompt (AMBER's generative queries bring their own)."""
     progress: bool = True
     """Show the progress bar."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "settings", tuple(self.settings))
+        object.__setattr__(self, "amber_tasks", tuple(self.amber_tasks))
+        if not self.amber_tasks or any(t not in AMBER_TASKS for t in self.amber_tasks):
+            raise ValueError(f"amber_tasks {list(self.amber_tasks)}: choose one or more of {AMBER_TASKS}")
+        if not self.caption_prompt.strip():
+            raise ValueError("caption_prompt is empty: give the instruction the model captions with")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit={self.limit}: give at least 1 (or leave it unset for everything)")
         bad = [s for s in self.settings if s not in SETTINGS]
@@ -105,7 +131,9 @@ class EvalConfig:
             raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field but `SOURCE_FIELDS` (those are in the result's `source`): a world evaluation's config, and
+        so the experiment's fingerprint of it, stays what it was before AMBER and COCO were added."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in SOURCE_FIELDS}
 
 
 class Question(NamedTuple):
@@ -234,23 +262,92 @@ def resolve_device(device: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- entry points
+def adapter_base(model_dir: Path, base: str | os.PathLike | None) -> Path | None:
+    """The local base model folder of a LoRA adapter folder (one with `adapter_config.json`, as a LoRA run's
+    `final/`): `base` when given, else the adapter config's `base_model_name_or_path`. None for a full model."""
+    config_file = model_dir / "adapter_config.json"
+    if not config_file.is_file():
+        if base is not None:
+            raise ValueError(f"base={str(base)!r} is only for LoRA adapter folders, and {model_dir} has no "
+                             "adapter_config.json (it is a full model folder): drop --base")
+        return None
+    recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    chosen = base if base is not None else recorded
+    if not chosen:
+        raise ValueError(f"{config_file} names no base model (base_model_name_or_path is empty); give the base "
+                         "model folder: --base /models/llava-1.5-7b-hf")
+    path = Path(chosen).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir} is a LoRA adapter whose base model {str(chosen)!r} is not a local model folder (nothing is "
+            "downloaded); give the folder the run was trained from: --base /path/to/base (evaluate_model(base=...))")
+    return path
+
+
+def load_eval_model(model_dir: str | os.PathLike, cfg: EvalConfig, device: str,
+                    base: str | os.PathLike | None = None):
+    """(model, processor, base folder or None): a full model folder as `load_vlm` loads it, or a LoRA adapter folder
+    on its base model, merged (generation then runs at the base model's speed). The processor is the adapter
+    folder's own when the run saved one (the trainer does), else the base model's."""
+    folder = Path(model_dir).expanduser()
+    base_dir = adapter_base(folder, base)
+    if base_dir is None:
+        model, processor = load_vlm(folder, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+        return model, processor, None
+    from peft import PeftModel
+
+    model, processor = load_vlm(base_dir, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+    if any((folder / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
+        processor = transformers.AutoProcessor.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+    model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+    return model.to(device).eval(), processor, base_dir
+
+
+def amber_sources(amber_dir, image_dir, cfg: EvalConfig):
+    """(AmberData, yes/no questions, caption requests as (path, query)) of an AMBER folder."""
+    data = amber_bench.read_amber(amber_dir, image_dir, tasks=cfg.amber_tasks, limit=cfg.limit)
+    questions = [Question(it.id, amber_bench.dimension_of(it.type), it.image, it.path,
+                          f"{it.query}\n{cfg.pope_suffix}" if cfg.pope_suffix else it.query, it.truth == "yes",
+                          it.type) for it in data.discriminative]
+    if not questions and not data.generative:
+        raise ValueError(f"no usable AMBER query in {amber_dir}: {data.problems[:5]}")
+    return data, questions, [(it.path, it.query) for it in data.generative]
+
+
+def _sources_given(world_dir, files, amber_dir, coco_dir) -> list[str]:
+    return [name for name, v in (("world_dir", world_dir), ("pope_file", files), ("amber_dir", amber_dir),
+                                 ("coco_dir", coco_dir)) if v]
+
+
 def evaluate_model(model_dir: str | os.PathLike, world_dir: str | os.PathLike | None = None, *,
                    pope_file: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-                   image_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
-                   config: EvalConfig = EvalConfig(), model=None, processor=None) -> dict[str, Any]:
-    """Evaluate the VLM in `model_dir` on the world in `world_dir` (POPE probes + CHAIR) or on POPE files
-    (`pope_file` + `image_dir`). A model already loaded can be passed as `model` + `processor` (`model_dir` is then
-    only recorded). Writes `out` (JSON) and `<out>.answers.jsonl` when `out` is given; returns the result."""
+                   image_dir: str | os.PathLike | None = None, amber_dir: str | os.PathLike | None = None,
+                   coco_dir: str | os.PathLike | None = None, coco_synonyms: str | os.PathLike | None = None,
+                   out: str | os.PathLike | None = None, config: EvalConfig = EvalConfig(), model=None,
+                   processor=None, base: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Evaluate the VLM in `model_dir` (a full model, or a LoRA adapter folder on `base` / its recorded base) on one
+    source: the world in `world_dir` (POPE probes + CHAIR), public POPE files (`pope_file` + `image_dir`), AMBER
+    (`amber_dir` + `image_dir`) or CHAIR on COCO (`coco_dir` annotations + `coco_synonyms` + `image_dir`). A model
+    already loaded can be passed as `model` + `processor` (`model_dir` is then only recorded). Writes `out` (JSON)
+    and `<out>.answers.jsonl` when `out` is given; returns the result."""
     cfg = config
     files = [pope_file] if isinstance(pope_file, (str, os.PathLike)) else list(pope_file or [])
-    if (world_dir is None) == (not files):
-        raise ValueError("give either world_dir (the scene world) or pope_file + image_dir (public POPE), not both "
-                         "and not neither")
-    if files and image_dir is None:
-        raise ValueError("pope_file needs image_dir: the folder the questions' `image` names are relative to")
+    given = _sources_given(world_dir, files, amber_dir, coco_dir)
+    if len(given) != 1:
+        raise ValueError(f"give exactly one source: world_dir (the scene world), pope_file + image_dir (public POPE), "
+                         f"amber_dir + image_dir (AMBER) or coco_dir + coco_synonyms + image_dir (CHAIR on COCO); "
+                         f"got {given or 'none'}")
+    if world_dir is None and image_dir is None:
+        raise ValueError(f"{given[0]} needs image_dir: the folder its images are relative to")
+    if coco_dir is not None and coco_synonyms is None:
+        raise ValueError("coco_dir needs coco_synonyms: CHAIR's synonyms.txt (one line per COCO category, "
+                         "`person, girl, boy, man, ...`; see docs/eval.md)")
     t0 = time.perf_counter()
     problems: list[str] = []
     scenes, pairs, attribute, universe = [], [], "shape", None
+    questions: list[Question] = []
+    caption_reqs: list[tuple[Path, str]] = []
+    amber_data = coco = syn = coco_images = None
     if world_dir is not None:
         world_dir = Path(world_dir).expanduser()
         scenes, questions, wcfg = world_sources(world_dir, cfg)
@@ -260,17 +357,34 @@ def evaluate_model(model_dir: str | os.PathLike, world_dir: str | os.PathLike | 
         source = {"kind": "world", "world": str(world_dir), "world_json_sha256": sha256_file(world_dir / "world.json"),
                   "scenes": len(scenes), "probe_level": cfg.probe_level, "cooccur_pairs": pairs,
                   "cooccur_attribute": attribute}
-    else:
+        if cfg.captions:
+            caption_reqs = [(world_dir / image, grammar.DESCRIBE_PROMPT) for _, image, _ in scenes]
+    elif files:
         questions, problems = pope_sources(files, image_dir, cfg)
         source = {"kind": "pope", "files": [str(f) for f in files], "images": str(image_dir)}
+    elif amber_dir is not None:
+        amber_data, questions, caption_reqs = amber_sources(amber_dir, image_dir, cfg)
+        problems = list(amber_data.problems)
+        source = {"kind": "amber", "amber": str(amber_dir), "images": str(image_dir), "files": amber_data.files,
+                  "tasks": list(cfg.amber_tasks), "queries": len(questions) + len(caption_reqs)}
+    else:
+        syn = coco_chair.read_synonyms(coco_synonyms)
+        coco = coco_chair.load_coco(coco_dir, cfg.coco_split, syn)
+        coco_images, problems = coco_chair.sample_images(coco, image_dir, limit=cfg.limit, seed=cfg.seed)
+        if not coco_images:
+            raise ValueError(f"no image of {cfg.coco_split} found in {image_dir}: {problems[:5]}")
+        caption_reqs = [(im.path, cfg.caption_prompt) for im in coco_images]
+        source = {"kind": "coco_chair", "annotations": coco.paths, "synonyms": str(coco_synonyms),
+                  "synonyms_sha256": sha256_file(Path(coco_synonyms).expanduser()), "images": str(image_dir),
+                  "split": cfg.coco_split, "prompt": cfg.caption_prompt, "n_images": len(coco_images),
+                  "seed": cfg.seed}
     device = resolve_device(cfg.device)
+    base_dir = None
     if model is None:
-        model, processor = load_vlm(model_dir, dtype=cfg.dtype, device=device,
-                                    trust_remote_code=cfg.trust_remote_code)
+        model, processor, base_dir = load_eval_model(model_dir, cfg, device, base)
     elif processor is None:
         raise ValueError("a loaded model needs its processor too (processor=...)")
     t_load = time.perf_counter()
-    caption_reqs = [(world_dir / image, grammar.DESCRIBE_PROMPT) for _, image, _ in scenes] if cfg.captions else []
     probe_reqs = [(q.path, q.prompt) for q in questions]
     bar = tqdm(total=len(dict.fromkeys(probe_reqs)) + len(dict.fromkeys(caption_reqs)), desc="eval", unit="answer",
                disable=not cfg.progress)
@@ -281,19 +395,26 @@ def evaluate_model(model_dir: str | os.PathLike, world_dir: str | os.PathLike | 
     bar.close()
     t_gen = time.perf_counter()
     result: dict[str, Any] = {
-        "schema_version": EVAL_SCHEMA, "model": str(model_dir), "source": source, "config": cfg.to_dict(),
-        "device": str(next(model.parameters()).device),
-        "pope": score_pope(questions, answers, cfg.answer_rule, cfg.samples), "chair": None, "problems": problems,
+        "schema_version": EVAL_SCHEMA, "model": str(model_dir), "base": None if base_dir is None else str(base_dir),
+        "source": source, "config": cfg.to_dict(), "device": str(next(model.parameters()).device),
+        "pope": {}, "chair": None, "amber": None, "coco_chair": None, "problems": problems,
         "generations": len(answers) + len(cap_answers),
         "seconds": {"load": t_load - t0, "generate": t_gen - t_load},
         "versions": {"schema": str(SCHEMA_VERSION), "transformers": transformers.__version__,
                      "torch": torch.__version__},
     }
     captions = [cap_answers.get(r) for r in caption_reqs]
-    kept = [(s, c) for s, c in zip(scenes, captions) if c is not None]
-    if kept:
-        result["chair"] = score_captions([s for s, _ in kept], [c for _, c in kept], pairs, cfg.samples,
-                                         attribute, universe)
+    if amber_data is not None:
+        result["amber"] = score_amber(amber_data, questions, answers, captions, cfg)
+    elif coco is not None:
+        kept = [(im.image_id, c) for im, c in zip(coco_images, captions) if c is not None]
+        result["coco_chair"] = coco_chair.chair_scores(kept, coco.objects, syn, cfg.samples)
+    else:
+        result["pope"] = score_pope(questions, answers, cfg.answer_rule, cfg.samples)
+        kept = [(s, c) for s, c in zip(scenes, captions) if c is not None]
+        if kept:
+            result["chair"] = score_captions([s for s, _ in kept], [c for _, c in kept], pairs, cfg.samples,
+                                             attribute, universe)
     result["seconds"]["total"] = time.perf_counter() - t0
     if out is not None:
         out = Path(out).expanduser()
@@ -301,10 +422,28 @@ def evaluate_model(model_dir: str | os.PathLike, world_dir: str | os.PathLike | 
         rows = [{"question_id": q.question_id, "setting": q.setting, "image": q.image, "prompt": q.prompt,
                  "label": "yes" if q.label else "no", "kind": q.kind, "scene_id": q.scene_id,
                  "answer": answers[(q.path, q.prompt)]} for q in questions]
-        rows += [{"scene_id": sid, "image": image, "prompt": grammar.DESCRIBE_PROMPT, "answer": c}
-                 for (sid, image, _), c in zip(scenes, captions)]
+        if world_dir is not None:
+            rows += [{"scene_id": sid, "image": image, "prompt": grammar.DESCRIBE_PROMPT, "answer": c}
+                     for (sid, image, _), c in zip(scenes, captions)]
+        elif amber_data is not None:
+            rows += [{"question_id": it.id, "image": it.image, "prompt": it.query, "answer": c}
+                     for it, c in zip(amber_data.generative, captions)]
+        elif coco is not None:
+            rows += [{"image_id": im.image_id, "image": im.image, "prompt": cfg.caption_prompt, "answer": c}
+                     for im, c in zip(coco_images, captions)]
         write_bytes_atomic("".join(json.dumps(r) + "\n" for r in rows).encode(), answers_path(out))
     return result
+
+
+def score_amber(data, questions: Sequence[Question], answers: dict, captions: Sequence[str | None],
+                cfg: EvalConfig) -> dict[str, Any]:
+    """AMBER's discriminative scores (answers read with `cfg.answer_rule`) and generative scores."""
+    by_id = {it.id: it for it in data.discriminative}
+    disc = [(by_id[q.question_id], resolve_answer(answers[(q.path, q.prompt)], cfg.answer_rule))
+            for q in questions if answers[(q.path, q.prompt)] is not None]
+    gen = [(it, c) for it, c in zip(data.generative, captions) if c is not None]
+    return {"discriminative": amber_bench.discriminative_metrics(disc) if disc else None,
+            "generative": amber_bench.generative_metrics(gen, data.lexicon, cfg.samples) if gen else None}
 
 
 def answers_path(out: Path) -> Path:
@@ -318,14 +457,33 @@ def _pct(x: float | None) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """The result as the table the CLI prints (percentages)."""
     src = result["source"]
-    where = (f"world {src['world']} ({src['scenes']} test scenes, {src['probe_level']} probes)"
-             if src["kind"] == "world" else f"POPE {', '.join(Path(f).name for f in src['files'])}")
-    lines = [f"{result['model']} on {where}: {result['generations']} answers in "
-             f"{result['seconds']['generate']:.0f} s on {result['device']}",
-             f"{'POPE':<12}{'n':>6} {'acc':>6} {'prec':>6} {'rec':>6} {'F1':>6} {'yes':>6} {'unpars':>6}"]
-    for setting, m in result["pope"].items():
-        lines.append(f"{setting:<12}{m['n']:>6} " + " ".join(
-            f"{_pct(m[k]):>6}" for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "unparsed_rate")))
+    where = {"world": lambda: f"world {src['world']} ({src['scenes']} test scenes, {src['probe_level']} probes)",
+             "pope": lambda: f"POPE {', '.join(Path(f).name for f in src['files'])}",
+             "amber": lambda: f"AMBER {src['amber']} ({src['queries']} queries)",
+             "coco_chair": lambda: f"COCO {src['split']} ({src['n_images']} images, CHAIR)"}[src["kind"]]()
+    model = result["model"] + (f" (LoRA on {result['base']})" if result.get("base") else "")
+    lines = [f"{model} on {where}: {result['generations']} answers in "
+             f"{result['seconds']['generate']:.0f} s on {result['device']}"]
+    yes_no = {"POPE": result["pope"]}
+    amber = result.get("amber") or {}
+    if amber.get("discriminative"):
+        yes_no = {"AMBER (no = positive)": amber["discriminative"]}
+    for title, table in yes_no.items():
+        if table:
+            lines.append(f"{title:<12}{'n':>6} {'acc':>6} {'prec':>6} {'rec':>6} {'F1':>6} {'yes':>6} {'unpars':>6}")
+        for setting, m in table.items():
+            lines.append(f"{setting:<12}{m['n']:>6} " + " ".join(
+                f"{_pct(m[k]):>6}" for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "unparsed_rate")))
+    if amber.get("generative"):
+        g = amber["generative"]
+        lines.append(f"AMBER generative ({g['n']} responses): CHAIR {_pct(g['chair']).strip()}  Cover "
+                     f"{_pct(g['cover']).strip()}  Hal {_pct(g['hal']).strip()}  Cog {_pct(g['cog']).strip()}  "
+                     f"words/response {g['mentions_per_response'] or 0:.2f}")
+    coco = result.get("coco_chair")
+    if coco:
+        lines.append(f"COCO CHAIR ({coco['n_captions']} captions): CHAIR_i {_pct(coco['chair_i']).strip()}  CHAIR_s "
+                     f"{_pct(coco['chair_s']).strip()}  recall {_pct(coco['recall']).strip()}  objects/caption "
+                     f"{coco['mentions_per_caption'] or 0:.2f}  empty {_pct(coco['empty']).strip()}")
     chair = result.get("chair")
     if chair:
         lines.append(f"{'CHAIR':<12}{'n':>6} {'CH_i':>6} {'CH_s':>6} {'recall':>6} {'ment/c':>6} {'wellf':>6} "
@@ -347,26 +505,36 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def default_out(model_dir: str | os.PathLike, world_dir: str | os.PathLike | None) -> Path:
-    """`<data root>/eval/<parent>-<model folder>-<world folder | pope>.json`: the parent keeps runs apart
-    (`runs/misp/final` -> `misp-final-...`, `models/base` -> `models-base-...`)."""
+def default_out(model_dir: str | os.PathLike, world_dir: str | os.PathLike | None, kind: str = "pope") -> Path:
+    """`<data root>/eval/<parent>-<model folder>-<world folder | pope | amber | coco-chair>.json`: the parent keeps
+    runs apart (`runs/misp/final` -> `misp-final-...`, `models/base` -> `models-base-...`)."""
     model = "-".join(Path(model_dir).expanduser().resolve().parts[-2:])
-    return data_root() / "eval" / f"{model}-{Path(world_dir).name if world_dir else 'pope'}.json"
+    return data_root() / "eval" / f"{model}-{Path(world_dir).name if world_dir else kind}.json"
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="a local VLM folder (save_pretrained)")
+    ap.add_argument("--model", required=True,
+                    help="a local VLM folder (save_pretrained), or a LoRA run's final/ (adapter_config.json)")
     ap.add_argument("--world", default=None, help="a generated world folder: its test split's POPE probes + CHAIR")
     ap.add_argument("--pope", nargs="+", default=None, help="public POPE question files (JSON Lines)")
-    ap.add_argument("--images", default=None, help="the folder the POPE files' images are in (COCO val2014/)")
+    ap.add_argument("--amber", default=None, help="the AMBER repository folder (data/annotations.json, "
+                    "data/query/query_*.json, data/relation.json, data/safe_words.txt)")
+    ap.add_argument("--coco-chair", dest="coco_chair", default=None,
+                    help="the COCO 2014 annotation folder (instances_val2014.json, captions_val2014.json): CHAIR")
+    ap.add_argument("--coco-synonyms", dest="coco_synonyms", default=None,
+                    help="CHAIR's synonyms.txt (needed by --coco-chair; not shipped, see docs/eval.md)")
+    ap.add_argument("--images", default=None,
+                    help="the folder the images of --pope / --amber / --coco-chair are in (val2014/, AMBER's image/)")
+    ap.add_argument("--base", default=None,
+                    help="a LoRA adapter's base model folder (default: the adapter config's base_model_name_or_path)")
     ap.add_argument("--out", default=None,
                     help="result JSON (default <data root>/eval/<parent>-<model folder>-<world folder|pope>.json)")
     helps = {"limit": "world: first N test scenes; POPE: first N good questions per file",
              "seed": "seed of the world probes", "probe_level": "world probes: object (red circle) or shape",
              "per_scene": "world: yes- (and no-) questions per scene and setting, at most",
              "answer_rule": "first_word (unparsed counts as no) or pope (the reference script's rule)",
-             "pope_suffix": "POPE: line appended to each question ('' for none)",
+             "pope_suffix": "POPE and AMBER yes/no: line appended to each question ('' for none)",
              "batch_size": "rows per generation batch", "max_new_tokens": "longest caption",
              "max_new_tokens_yesno": "longest yes/no answer", "device": "auto, cpu, cuda, ...",
              "dtype": "auto, float32, bfloat16, float16", "samples": "answers per setting kept in the JSON"}
@@ -376,21 +544,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ap.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int if name in ints else str,
                         default=getattr(defaults, name), help=f"{text} (default: {getattr(defaults, name)!r})")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    ap.add_argument("--amber-tasks", dest="amber_tasks", nargs="+", default=list(AMBER_TASKS), choices=AMBER_TASKS)
+    ap.add_argument("--coco-split", dest="coco_split", default=defaults.coco_split,
+                    help=f"CHAIR on COCO: the annotation split (default: {defaults.coco_split!r})")
+    ap.add_argument("--caption-prompt", dest="caption_prompt", default=defaults.caption_prompt,
+                    help=f"CHAIR on COCO: the captioning prompt (default: {defaults.caption_prompt!r})")
     ap.add_argument("--no-captions", action="store_true", help="world: skip CHAIR")
     ap.add_argument("--trust-remote-code", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    if args.world is None and not args.pope:
-        ap.error("give --world DIR (the scene world) or --pope FILE... --images DIR (public POPE)")
-    if args.world is not None and args.pope:
-        ap.error("give --world or --pope, not both (run twice)")
-    if args.pope and not args.images:
-        ap.error("--pope needs --images DIR, the folder its image names are relative to")
+    given = [f for f, v in (("--world", args.world), ("--pope", args.pope), ("--amber", args.amber),
+                            ("--coco-chair", args.coco_chair)) if v]
+    if not given:
+        ap.error("give --world DIR (the scene world), --pope FILE... --images DIR (public POPE), --amber DIR "
+                 "--images DIR (AMBER) or --coco-chair DIR --coco-synonyms FILE --images DIR (CHAIR on COCO)")
+    if len(given) > 1:
+        ap.error(f"give one of {' / '.join(given)}, not several (run once per benchmark)")
+    if given[0] != "--world" and not args.images:
+        ap.error(f"{given[0]} needs --images DIR, the folder its image names are relative to")
+    if args.coco_chair and not args.coco_synonyms:
+        ap.error("--coco-chair needs --coco-synonyms FILE: CHAIR's synonyms.txt (not shipped; see docs/eval.md)")
     cfg = EvalConfig(**{k: getattr(args, k) for k in helps},
                      settings=tuple(args.settings), captions=not args.no_captions,
-                     trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
-    out = Path(args.out) if args.out else default_out(args.model, args.world)
-    result = evaluate_model(args.model, args.world, pope_file=args.pope, image_dir=args.images, out=out, config=cfg)
+                     trust_remote_code=args.trust_remote_code, progress=not args.no_progress,
+                     amber_tasks=tuple(args.amber_tasks), coco_split=args.coco_split,
+                     caption_prompt=args.caption_prompt)
+    kind = {"--pope": "pope", "--amber": "amber", "--coco-chair": "coco-chair"}.get(given[0], "pope")
+    out = Path(args.out) if args.out else default_out(args.model, args.world, kind)
+    result = evaluate_model(args.model, args.world, pope_file=args.pope, image_dir=args.images,
+                            amber_dir=args.amber, coco_dir=args.coco_chair, coco_synonyms=args.coco_synonyms,
+                            out=out, config=cfg, base=args.base)
     print(format_table(result))
     print(f"wrote {out} and {answers_path(out)}")
     return result

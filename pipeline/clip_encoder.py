@@ -3,7 +3,9 @@
 Checkpoints load from local files only unless the user is online:
   - `model="local-dir:/path"`: a folder with `open_clip_config.json` + weights (the world CLIP is saved so);
   - `model="ViT-B-32", pretrained="/path/to/weights.safetensors"`: a built-in architecture + a local file;
-  - `model="ViT-B-32", pretrained=None`: random init (benchmarks only);
+  - `model="ViT-B-32", pretrained="random"`: random init, only when asked for by name (benchmarks): a built-in
+    architecture with no weights is refused, since mining with a random CLIP degrades silently (nothing fails,
+    and the candidates, near-duplicate exclusion and SAE codes are meaningless);
   - `model="hf-hub:org/repo"` or a pretrained *tag*: downloads, so only when online (HF_HUB_OFFLINE unset).
 """
 
@@ -26,6 +28,8 @@ from pipeline.fingerprint import fingerprint, sha256_file
 log = logging.getLogger(__name__)
 
 LOCAL_DIR = "local-dir:"
+RANDOM = "random"
+"""`pretrained` value that asks for a randomly initialised CLIP on purpose (MISP_CLIP_PRETRAINED=random)."""
 
 
 @dataclass(frozen=True)
@@ -35,13 +39,14 @@ class ClipSpec:
     model: str
     """open_clip architecture name (`ViT-B-32`), `local-dir:<folder>` or `hf-hub:<repo>`."""
     pretrained: str | None = None
-    """Weights file (or an open_clip tag, online only) for a built-in architecture; None = random init."""
+    """Weights file (or an open_clip tag, online only) for a built-in architecture; `random` = random init on
+    purpose (benchmarks). Required for a built-in architecture."""
     device: str = "auto"
     """`auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`, ..."""
     precision: str = "fp32"
     """open_clip precision: `fp32`, `bf16`, `fp16` (the latter two on GPU)."""
     seed: int = 0
-    """Seed of the random init when no weights are given (benchmarks)."""
+    """Seed of the random init (`pretrained="random"`, benchmarks)."""
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -55,6 +60,13 @@ class ClipSpec:
                 )
         if self.precision not in {"fp32", "bf16", "fp16", "pure_bf16", "pure_fp16", "amp", "amp_bf16"}:
             raise ValueError(f"unknown precision {self.precision!r}; use fp32, bf16 or fp16")
+        if not self.model.startswith((LOCAL_DIR, "hf-hub:")) and not self.pretrained:
+            raise ValueError(
+                f"CLIP architecture {self.model!r} is given without weights: a randomly initialised CLIP mines "
+                "without any error, but its retrieval, near-duplicate exclusion and SAE codes mean nothing. Set "
+                "MISP_CLIP_PRETRAINED (ClipModel.pretrained / ClipSpec.pretrained) to a local weights file, e.g. "
+                "/models/open_clip_model.safetensors, or use MISP_CLIP_MODEL=local-dir:<folder>; if you really want "
+                f"random weights (benchmarks), say so: MISP_CLIP_PRETRAINED={RANDOM}")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -82,13 +94,17 @@ class ClipEncoder:
         self.device = spec.resolved_device()
         torch.manual_seed(spec.seed)
         schema = spec.model.startswith(LOCAL_DIR) or spec.model.startswith("hf-hub:")
+        random_init = spec.pretrained == RANDOM
+        if random_init:
+            log.warning(f"CLIP {spec.model} with random weights (pretrained={RANDOM!r}): fine for benchmarks, "
+                        "useless for mining")
         model, _, preprocess = open_clip.create_model_and_transforms(
             spec.model,
-            pretrained=None if schema else spec.pretrained,
+            pretrained=None if schema or random_init else spec.pretrained,
             precision=spec.precision,
             device=self.device,
             # A missing local weight file must fail loudly, not silently give a random model.
-            require_pretrained=bool(spec.pretrained) or spec.model.startswith(LOCAL_DIR),
+            require_pretrained=(bool(spec.pretrained) and not random_init) or spec.model.startswith(LOCAL_DIR),
         )
         self.model = model.eval()
         self.preprocess = preprocess

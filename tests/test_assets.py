@@ -63,7 +63,7 @@ def test_tiny_world_materialises_through_embeddings(mined):
     assert sum(t.height for t in prompts) < examples.height
     for result in _result(results, "pool_images"):
         evaluations = result.get_asset_check_evaluations()
-        assert len(evaluations) == 9  # 3 checks x 3 embedding assets
+        assert len(evaluations) == 11  # 3 checks x 3 embedding assets + not_collapsed on the 2 image tables
         assert all(e.passed for e in evaluations), [(e.check_name, e.metadata) for e in evaluations if not e.passed]
 
 
