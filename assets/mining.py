@@ -120,7 +120,8 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
     pool, pool_fp = load_pool_table(root)
     cfg = MiningConfig(m=config.m, dup_threshold=config.dup_threshold, rank_min=config.rank_min)
     out = shard_file(root / "mining" / "candidates", key)
-    fp = fingerprint("candidates", pool_fp, read_metadata(positives_path)["fingerprint"], config.model_dump())
+    fp = fingerprint("candidates", pool_fp, read_metadata(positives_path)["fingerprint"], config.model_dump(),
+                     read_metadata(examples_path).get("retrieval_content"))  # ids, images, prompts (not chosen)
     warnings: tuple = ()
     examples, unembedded = drop_unembedded(pl.read_parquet(examples_path), pl.read_parquet(positives_path),
                                            pl.read_parquet(shard_file(root / "embeddings" / "prompts", key)))
@@ -190,7 +191,7 @@ def preference_shards(context: dg.AssetExecutionContext, config: MiningRunConfig
     sae_dir = root / "models" / "sae"
     cfg = MiningConfig(m=int(read_metadata(files["candidates"])["m"]),
                        **{k: v for k, v in config.model_dump().items()})
-    fp = fingerprint("shard", read_metadata(files["candidates"])["fingerprint"],
+    fp = fingerprint("shard", read_metadata(files["candidates"])["fingerprint"], read_metadata(files["examples"]).get("content"),
                      read_metadata(files["prompts"])["fingerprint"], sha256_file(sae_dir / "sae.safetensors"),
                      dataclasses.asdict(cfg))
     out = shard_file(root / "shards", key)

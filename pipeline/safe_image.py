@@ -265,3 +265,31 @@ def open_ingested(path: str | os.PathLike, limits: IngestLimits = IngestLimits()
         return open_image(path, limits=limits)
     sha, root = record
     return open_image(path, root=root, sha256=sha, limits=limits)
+
+
+def ledger_file(folder: Path, source: str, key: str) -> Path:
+    """`<data root>/ingest/ledger/<source>-shard=NNN.parquet`: the image ledger of one ingest shard."""
+    from pipeline.paths import shard_file
+
+    return shard_file(Path(folder), key, prefix=f"{source}-shard=")
+
+
+class ImageOpener:
+    """`open_image` bound to a shard's ledger: each path is checked against the root ingest recorded for it."""
+
+    def __init__(self, roots: dict[str, str], limits: IngestLimits = IngestLimits()):
+        self.roots = roots
+        self.limits = limits
+
+    @classmethod
+    def from_ledger(cls, ledger: pl.DataFrame | None, limits: IngestLimits = IngestLimits()) -> ImageOpener:
+        roots: dict[str, str] = {}
+        if ledger is not None:
+            for path, target, root in ledger.select("path", "target", "root").iter_rows():
+                roots[path] = root
+                if target is not None:
+                    roots[target] = root
+        return cls(roots, limits)
+
+    def __call__(self, path: str, sha256: str | None) -> Image.Image:
+        return open_image(path, root=self.roots.get(str(path)), sha256=sha256, limits=self.limits)
