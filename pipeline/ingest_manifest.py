@@ -101,18 +101,28 @@ def _parsed(row_index: int, where: str, data: Any, raw: str) -> ManifestRow:
 
 
 def _lines(reader: BinaryIO, max_row_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
-    """(line number, line without its newline or None when longer than `max_row_bytes`, its length)."""
+    """(line number, line without its newline or None when longer than `max_row_bytes`, its length). Lines are
+    read in blocks of at most 1 MiB; an over-long line is dropped block by block, so memory stays bounded by
+    `max_row_bytes` whatever the file holds."""
     line_no = 0
+    block = min(max_row_bytes + 1, 1 << 20)
     while True:
-        chunk = reader.readline(max_row_bytes + 1)
+        chunk = reader.readline(block)
         if not chunk:
             return
         line_no += 1
-        if len(chunk) <= max_row_bytes or chunk.endswith(b"\n"):
-            yield line_no, chunk.rstrip(b"\n"), len(chunk)
+        parts, length = [chunk], len(chunk)
+        while not chunk.endswith(b"\n") and length <= max_row_bytes:
+            chunk = reader.readline(block)
+            if not chunk:
+                break
+            parts.append(chunk)
+            length += len(chunk)
+        if length <= max_row_bytes or (length == max_row_bytes + 1 and chunk.endswith(b"\n")):
+            yield line_no, b"".join(parts).rstrip(b"\n"), length
             continue
-        length = len(chunk)
-        while chunk and not chunk.endswith(b"\n"):  # skip the rest of an over-long line, a block at a time
+        parts.clear()  # over the limit: skip to the end of the line without keeping it
+        while chunk and not chunk.endswith(b"\n"):
             chunk = reader.readline(1 << 20)
             length += len(chunk)
         yield line_no, None, length
