@@ -271,7 +271,7 @@ def test_exif_rotated_jpegs_are_read_upright_by_every_reader(tmp_path):
     path = tmp_path / "sideways.jpg"
     _sideways_jpeg(path)
     for read in (load_image, _load_image):
-        read.cache_clear()
+        getattr(read, "cache_clear", lambda: None)()
         im = read(str(path))
         assert im.size == (20, 40)
         top, bottom = np.asarray(im)[2, 10], np.asarray(im)[37, 10]
@@ -346,3 +346,24 @@ def test_exactly_one_good_example_names_the_sae_minimum_and_the_knob(tmp_path):
     assert label == "sae" and not last.success, [(lbl, r.success) for lbl, r in results]
     text = error_text(last)
     assert "the SAE needs at least 20" in text and "pairs_per_example" in text and "FVU is inf" not in text
+
+
+def test_the_trainer_reads_only_what_ingest_recorded(tmp_path):
+    """`trainer.rows.load_image` gets a path only: the ledger under the run's data root gives its sha256."""
+    from pipeline.paths import data_root
+    from trainer.rows import load_image
+
+    src = files_source(tmp_path, n=3)
+    res = resources(src)
+    key = shard_key_of("ex0")
+    assert materialize(["source_data"], res).success
+    assert materialize(["preference_examples"], res, key).success
+    rows, _ = examples_of(src, key)
+    path = dict(zip(rows["example_id"], rows["image_path"]))["ex0"]
+    data_root(src["data"])  # what `python -m trainer --data_root ...` does first
+    getattr(load_image, "cache_clear", lambda: None)()
+    assert load_image(path).size == (32, 32)
+    Image.new("RGB", (32, 32), (1, 1, 1)).save(path)
+    getattr(load_image, "cache_clear", lambda: None)()
+    with pytest.raises(ImageChangedError, match="changed since ingest"):
+        load_image(path)
