@@ -53,7 +53,7 @@ def _embedding_asset(name: str, folder: str, upstream: dg.AssetsDefinition, upst
             table, quarantine = pair
         else:
             encoder = ClipEncoder(spec)
-            ledger = ledger_file(root / "ingest" / "ledger", f"{'pool' if folder == 'pool' else 'examples'}",
+            ledger = ledger_file(root, f"{'pool' if folder == 'pool' else 'examples'}",
                                  context.partition_key)
             opener = ImageOpener.from_ledger(pl.read_parquet(ledger) if ledger.exists() else None)
             table, quarantine = quarantine_non_finite(

@@ -191,7 +191,8 @@ def preference_shards(context: dg.AssetExecutionContext, config: MiningRunConfig
     sae_dir = root / "models" / "sae"
     cfg = MiningConfig(m=int(read_metadata(files["candidates"])["m"]),
                        **{k: v for k, v in config.model_dump().items()})
-    fp = fingerprint("shard", read_metadata(files["candidates"])["fingerprint"], read_metadata(files["examples"]).get("content"),
+    fp = fingerprint("shard", read_metadata(files["candidates"])["fingerprint"],
+                     read_metadata(files["examples"]).get("content"),  # the shard carries the examples' text
                      read_metadata(files["prompts"])["fingerprint"], sha256_file(sae_dir / "sae.safetensors"),
                      dataclasses.asdict(cfg))
     out = shard_file(root / "shards", key)

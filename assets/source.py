@@ -101,7 +101,7 @@ def _pool_listing_fingerprint(pool_dir) -> str:
 
 
 def _ledger_file(root, source: str, key: str):
-    return ledger_file(root / "ingest" / "ledger", source, key)
+    return ledger_file(root, source, key)
 
 
 @dg.asset(group_name="ingest", partitions_def=shard_partitions, deps=[source_data], kinds={"parquet"})

@@ -37,7 +37,7 @@ from pipeline.ingest_schema import (
 )
 from pipeline.parquet_io import write_parquet_atomic
 from pipeline.paths import DATA_ROOT_ENV, data_root, shard_file
-from pipeline.safe_image import ledger_frame, ledger_row, stamp
+from pipeline.safe_image import ledger_file, ledger_frame, ledger_row, stamp
 from pipeline.sharding import shard_of
 
 __all__ = [
@@ -177,9 +177,10 @@ def ingest_pool(
         notes=tuple(notes),
         images=ledger_frame(ledger),
     ).check()
-    if require_usable and not rows and not any(_probe_image(root / rel, limits) is _PROBED for i, rel in enumerate(listing)
-                            if shard_of(_unreadable_key(rel), num_shards) != shard and _is_utf8(rel)
-                            and not isinstance(_resolve_inside(root / rel, root, rel), ImageProblem)):
+    others = (rel for rel in listing if shard_of(_unreadable_key(rel), num_shards) != shard and _is_utf8(rel))
+    if require_usable and not rows and not any(
+            not isinstance(_resolve_inside(root / rel, root, rel), ImageProblem)
+            and _probe_image(root / rel, limits) is _PROBED for rel in others):
         raise NoUsableRowsError(
             f"pool folder {given}: none of its {len(listing)} image files can be used (this shard: "
             f"{result.counts()}). Read the quarantine tables (<data root>/ingest/quarantine/pool-shard=*.parquet, "
@@ -343,14 +344,17 @@ def ingest_examples(
         if isinstance(stored, StoredImage):
             fields["stored"] = stored
         if derive:
-            image = stored.path if isinstance(stored, StoredImage) else fields.get("image", MISSING)
+            # A stored image counts by its content-addressed name, so that ids do not depend on the data root.
+            image = (Path(stored.path).name if stored.path else None) if isinstance(stored, StoredImage) \
+                else fields.get("image", MISSING)
             content = [image, *(fields.get(f, MISSING) for f in ("prompt", "chosen", "rejected"))]
             example_id = derive_id(*(None if v is MISSING else v for v in content))
         else:
             value = fields["id"]
             example_id = _id_text(value) if value is not MISSING else None
             if value is MISSING or value is None or (example_id is not None and is_blank(example_id)):
-                detail = f"{r.where} has no id in column {cmap.id!r} (or only invisible characters); give every row a unique id"
+                detail = (f"{r.where} has no id in column {cmap.id!r} (or only invisible characters); "
+                          "give every row a unique id")
                 bad_all.append((row_key, Quarantined(r.row_index, None, "missing_field", detail, raw_json(r.data))))
                 continue
             if example_id is None:
@@ -362,7 +366,8 @@ def ingest_examples(
                 continue
             if len(example_id) > limits.max_id_chars:
                 detail = (f"{r.where}: the id in column {cmap.id!r} has {len(example_id):,} characters > "
-                          f"max_id_chars={limits.max_id_chars:,}; use a short unique id or raise IngestLimits.max_id_chars")
+                          f"max_id_chars={limits.max_id_chars:,}; use a short unique id or raise "
+                          "IngestLimits.max_id_chars")
                 bad_all.append((row_key, Quarantined(r.row_index, short_text(example_id), "text_too_long", detail,
                                                      raw_json(r.data))))
                 continue
@@ -506,9 +511,11 @@ def _check_example(
         image_root, joined = Path(stored.root), Path(stored.path)
     else:
         if not image_id.strip():
-            return q("missing_field", f"the image path is empty (column {cmap.image!r}); give a path under the image root")
+            return q("missing_field",
+                     f"the image path is empty (column {cmap.image!r}); give a path under the image root")
         if "://" in image_id:
-            return q("missing_file", f"image {image_id!r} is a URL; download the images, give paths under the image root")
+            return q("missing_file",
+                     f"image {image_id!r} is a URL; download the images, give paths under the image root")
         if "\x00" in image_id:
             return q("missing_file", f"image path {image_id!r} contains a NUL byte; fix the path")
         given = Path(image_id)
@@ -566,7 +573,7 @@ def write_result(
     folder = data_root(root) / "ingest"
     meta = {"ingest": {**result.summary(), "notes": list(result.notes)}, **(metadata or {})}
     if result.images is not None:
-        write_parquet_atomic(result.images, shard_file(folder / "ledger", key, prefix=f"{source}-shard="), meta)
+        write_parquet_atomic(result.images, ledger_file(data_root(root), source, key), meta)
     rows_path = write_parquet_atomic(result.rows, shard_file(folder / source, key), meta)
     quarantine_path = write_parquet_atomic(
         result.quarantine, shard_file(folder / "quarantine", key, prefix=f"{source}-shard="), meta

@@ -281,8 +281,8 @@ def _read_parquet(path: Path, fh: BinaryIO, needed: set[str], image_bytes: str |
     clash = sorted((set(binary) & set(needed)) - {embedded})
     if clash:
         raise ValueError(
-            f"manifest {path}: column(s) {clash} hold bytes (image bytes?), not image paths; map the image-bytes column as "
-            "`image_bytes` (the rlaif_v and rlhf_v presets do) or map `image` to a column of relative paths"
+            f"manifest {path}: column(s) {clash} hold bytes (image bytes?), not image paths; map the image-bytes "
+            "column as `image_bytes` (the rlaif_v and rlhf_v presets do) or map `image` to a column of relative paths"
         )
     if embedded and image_store is None:
         raise ValueError(f"manifest {path}: column {embedded!r} holds image bytes; pass image_store= (a folder "

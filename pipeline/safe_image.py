@@ -13,7 +13,8 @@ that make a read safe and ties the bytes to that record:
 5. the EXIF orientation is applied (`ImageOps.exif_transpose`), so a phone photo stored sideways is read upright.
 
 Readers that only have a path (`trainer.rows.load_image`, `eval.run._load_image`) call `open_ingested`, which
-looks the path up in the **image ledger** that ingest writes beside its tables (`<data root>/ingest/ledger/`):
+looks the path up in the **image ledger** that ingest writes beside its tables (`<data root>/ledger/`; not under
+`ingest/` because its stamps are machine-specific state, not data):
 a recorded image gets checks 1-5; an image ingest never saw (an eval benchmark's images) gets checks 2, 4 and 5.
 
 The ledger also decides whether a rerun may reuse ingest's output (`ledger_changes`): for every image it records
@@ -208,7 +209,7 @@ def use_data_root(root: str | os.PathLike) -> None:
 
 
 def ledger_files(root: Path) -> list[Path]:
-    folder = Path(root) / "ingest" / "ledger"
+    folder = Path(root) / "ledger"
     return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
 
 
@@ -267,11 +268,11 @@ def open_ingested(path: str | os.PathLike, limits: IngestLimits = IngestLimits()
     return open_image(path, root=root, sha256=sha, limits=limits)
 
 
-def ledger_file(folder: Path, source: str, key: str) -> Path:
-    """`<data root>/ingest/ledger/<source>-shard=NNN.parquet`: the image ledger of one ingest shard."""
+def ledger_file(root: Path, source: str, key: str) -> Path:
+    """`<data root>/ledger/<source>-shard=NNN.parquet`: the image ledger of one ingest shard."""
     from pipeline.paths import shard_file
 
-    return shard_file(Path(folder), key, prefix=f"{source}-shard=")
+    return shard_file(Path(root) / "ledger", key, prefix=f"{source}-shard=")
 
 
 class ImageOpener:

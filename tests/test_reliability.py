@@ -17,8 +17,6 @@ import dagster as dg
 import numpy as np
 import open_clip
 import polars as pl
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
