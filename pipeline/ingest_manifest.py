@@ -136,7 +136,11 @@ def _read_json(path: Path, fh: BinaryIO, max_row_bytes: int) -> Manifest:
         head = head[3:]
     first = head.lstrip()[:1]
     if first == b"[":
-        return _read_json_array(path, reader.read())
+        try:  # a JSON array is one value: it is parsed whole (docs/ingest.md)
+            return _read_json_array(path, reader.read())
+        except MemoryError:
+            raise ValueError(f"manifest {path} is a JSON array too large to parse in memory; convert it to JSON "
+                             "Lines (one object per line), which is read line by line") from None
     rows: list[ManifestRow] = []
     for line_no, line, length in _lines(reader, max_row_bytes):
         where = f"line {line_no}"
