@@ -18,8 +18,9 @@ from pipeline.checks import check_finite, check_not_collapsed, check_unique_keys
 from pipeline.clip_encoder import ClipEncoder, checkpoint_fingerprint
 from pipeline.embed import (pool_embedding_table, positive_embedding_table, prompt_embedding_table,
                            quarantine_non_finite)
-from pipeline.fingerprint import fingerprint, text_id
-from pipeline.parquet_io import read_metadata, read_pair_if_current, write_pair
+from pipeline.fingerprint import fingerprint, frame_fingerprint, text_id
+from pipeline.parquet_io import read_pair_if_current, write_pair
+from pipeline.safe_image import ImageOpener, ledger_file
 from pipeline.paths import shard_file
 
 CHECKS = ("finite", "unit_norm", "one_row_per_input")
@@ -29,8 +30,10 @@ IMAGE_CHECKS = CHECKS + ("not_collapsed",)
 
 def _embedding_asset(name: str, folder: str, upstream: dg.AssetsDefinition, upstream_folder: str,
                      build: Callable[..., pl.DataFrame], expected_keys: Callable[[pl.DataFrame], list[str]],
-                     doc: str, checks: tuple[str, ...] = CHECKS) -> dg.AssetsDefinition:
-    """One per-shard embedding asset: reads its upstream shard, embeds, writes, checks."""
+                     reads: tuple[str, ...], doc: str, checks: tuple[str, ...] = CHECKS) -> dg.AssetsDefinition:
+    """One per-shard embedding asset: reads its upstream shard, embeds, writes, checks. `reads`: the upstream
+    columns the embedding depends on; only a change in them (or in the CLIP) re-embeds the shard, so editing a
+    `chosen` text re-ingests but does not re-embed."""
 
     @dg.asset(name=name, group_name="embeddings", partitions_def=shard_partitions, deps=[upstream, clip_model],
               kinds={"parquet", "pytorch"}, description=doc,
@@ -45,15 +48,18 @@ def _embedding_asset(name: str, folder: str, upstream: dg.AssetsDefinition, upst
         qout = shard_file(root / "embeddings" / "quarantine", context.partition_key, prefix=f"{folder}-shard=")
         spec = clip.spec(root)
         clip_fp = checkpoint_fingerprint(spec)
-        fp = fingerprint(name, read_metadata(src)["fingerprint"], clip_fp)
         inputs = pl.read_parquet(src)
+        fp = fingerprint(name, frame_fingerprint(inputs, reads), clip_fp)
         if (pair := read_pair_if_current(out, qout, fp)) is not None:
             context.log.info(f"{out} is current (same inputs and CLIP); not re-embedding")
             table, quarantine = pair
         else:
             encoder = ClipEncoder(spec)
+            ledger = ledger_file(root, f"{'pool' if folder == 'pool' else 'examples'}",
+                                 context.partition_key)
+            opener = ImageOpener.from_ledger(pl.read_parquet(ledger) if ledger.exists() else None)
             table, quarantine = quarantine_non_finite(
-                build(encoder, inputs, batch_size=clip.batch_size, progress=True), folder)
+                build(encoder, inputs, batch_size=clip.batch_size, progress=True, opener=opener), folder)
             write_pair(table, quarantine, out, qout, {"fingerprint": fp, "clip": clip_fp, "dim": encoder.dim})
         if quarantine.height:
             context.log.warning(f"shard {context.partition_key}: {quarantine.height} {folder} embeddings are NaN or "
@@ -80,13 +86,13 @@ def _embedding_asset(name: str, folder: str, upstream: dg.AssetsDefinition, upst
 
 pool_embeddings = _embedding_asset(
     "pool_embeddings", "pool", pool_images, "pool", pool_embedding_table,
-    lambda df: df["image_id"].to_list(),
+    lambda df: df["image_id"].to_list(), ("image_id", "path", "sha256"),
     "CLIP image embeddings of the shard's pool images (one row per image, L2-normalised).", IMAGE_CHECKS)
 positive_embeddings = _embedding_asset(
     "positive_embeddings", "positives", preference_examples, "examples", positive_embedding_table,
-    lambda df: df["image_sha256"].unique().to_list(),
+    lambda df: df["image_sha256"].unique().to_list(), ("image_sha256", "image_id", "image_path"),
     "CLIP image embeddings of the shard's positive images (one row per unique image content).", IMAGE_CHECKS)
 prompt_embeddings = _embedding_asset(
     "prompt_embeddings", "prompts", preference_examples, "examples", prompt_embedding_table,
-    lambda df: [text_id(p) for p in df["prompt"].unique().to_list()],
+    lambda df: [text_id(p) for p in df["prompt"].unique().to_list()], ("prompt",),
     "CLIP text embeddings of the shard's prompts (one row per unique prompt).")

@@ -126,7 +126,8 @@ def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, data
     cfg = MiningConfig(m=config.m, dup_threshold=config.dup_threshold, rank_min=config.rank_min)
     out = shard_file(root / "mining" / "candidates", key)
     fp = fingerprint("candidates", pool_fp, read_metadata(positives_path)["fingerprint"],
-                     config.model_dump(exclude={"k"}))
+                     config.model_dump(exclude={"k"}),
+                     read_metadata(examples_path).get("retrieval_content"))  # ids, images, prompts (not chosen)
     warnings: tuple = ()
     examples, unembedded = drop_unembedded(pl.read_parquet(examples_path), pl.read_parquet(positives_path),
                                            pl.read_parquet(shard_file(root / "embeddings" / "prompts", key)))
@@ -200,6 +201,7 @@ def preference_shards(context: dg.AssetExecutionContext, config: MiningRunConfig
     cfg = MiningConfig(m=int(read_metadata(files["candidates"])["m"]),
                        **{k: v for k, v in config.model_dump().items()})
     fp = fingerprint("shard", read_metadata(files["candidates"])["fingerprint"],
+                     read_metadata(files["examples"]).get("content"),  # the shard carries the examples' text
                      read_metadata(files["prompts"])["fingerprint"], sha256_file(sae_dir / "sae.safetensors"),
                      dataclasses.asdict(cfg))
     out = shard_file(root / "shards", key)

@@ -10,9 +10,10 @@ from assets.metadata import counts_table, markdown_table, table_schema
 from assets.partitions import shard_index, shard_partitions
 from assets.resources import DataRoot, DataSource
 from pipeline.column_mapping import ColumnMapping
-from pipeline.fingerprint import fingerprint, sha256_file
-from pipeline.ingest import IngestLimits, IngestResult, ingest_examples, ingest_pool
-from pipeline.parquet_io import read_metadata, read_pair_if_current, write_pair
+from pipeline.fingerprint import fingerprint, frame_fingerprint, sha256_file
+from pipeline.ingest import IngestLimits, IngestResult, NoUsableRowsError, ingest_examples, ingest_pool
+from pipeline.parquet_io import is_current, read_metadata, read_pair_if_current, write_pair, write_parquet_atomic
+from pipeline.safe_image import ledger_changes, ledger_file, ledger_frame
 from pipeline.paths import shard_file
 from world import PRESETS, generate_world
 
@@ -40,7 +41,7 @@ def source_data(context: dg.AssetExecutionContext, data_root: DataRoot, source: 
                 raise FileNotFoundError(f"{what} {path} does not exist; check MISP_POOL_DIR / MISP_MANIFEST / "
                                         "MISP_IMAGE_ROOT")
         meta = {"pool_dir": dg.MetadataValue.path(str(pool_dir)), "manifest": dg.MetadataValue.path(str(manifest)),
-                "manifest_sha256": sha256_file(manifest)}
+                "manifest_sha256": sha256_file(manifest, what="manifest")}
     return dg.MaterializeResult(metadata={"source": source.kind, **meta})
 
 
@@ -58,21 +59,49 @@ def _ingest_metadata(result, out_path) -> dict:
     }
 
 
-def _ingest_or_reuse(context, fp: str, out, qout, run) -> IngestResult:
-    """Run the ingest unless both outputs were already written from the same inputs (resume)."""
-    if (pair := read_pair_if_current(out, qout, fp)) is not None:
-        context.log.info(f"shard {context.partition_key}: inputs unchanged, reusing {out}")
-        return IngestResult(*pair, int(read_metadata(out)["rows_in"]))
-    result = run()
-    write_pair(result.rows, result.quarantine, out, qout, {"fingerprint": fp, "rows_in": result.rows_in})
+def _ingest_or_reuse(context, fp: str, out, qout, ledger_path, limits: IngestLimits, run) -> IngestResult:
+    """Run the ingest unless its outputs were written from the same inputs (resume). "Same inputs" covers the
+    manifest or listing (in `fp`) and every image file the shard checked: the ledger's stamps (size, mtime,
+    ctime, inode), re-hashing a file only where its stamp changed (`pipeline.safe_image.ledger_changes`)."""
+    pair = read_pair_if_current(out, qout, fp)
+    if pair is not None and pair[0].height and is_current(ledger_path, fp):
+        changes = ledger_changes(pl.read_parquet(ledger_path), max_bytes=limits.max_file_bytes)
+        if not changes:
+            context.log.info(f"shard {context.partition_key}: inputs unchanged (manifest and image files), "
+                             f"reusing {out}")
+            return IngestResult(*pair, int(read_metadata(out)["rows_in"]), images=pl.read_parquet(ledger_path))
+        context.log.info(f"shard {context.partition_key}: image files changed since the last ingest "
+                         f"({'; '.join(changes)}); re-ingesting")
+    try:
+        result = run()
+    except NoUsableRowsError as exc:
+        _write(exc.result, fp, out, qout, ledger_path)
+        raise NoUsableRowsError(f"{exc} [this shard's quarantine: {qout}]", exc.result) from None
+    _write(result, fp, out, qout, ledger_path)
     return result
 
 
+def _write(result: IngestResult, fp: str, out, qout, ledger_path) -> None:
+    """Ledger first, then quarantine, then rows: a rows file that exists has both beside it. `content` is the
+    fingerprint of the rows themselves (`retrieval_content` of the columns retrieval reads): stages downstream
+    key on them, so an identical re-ingest changes nothing and a new `chosen` text re-mines only its shard."""
+    meta = {"fingerprint": fp, "rows_in": result.rows_in,
+            "content": frame_fingerprint(result.rows, result.rows.columns)}
+    if "example_id" in result.rows.columns:  # what retrieval (candidates, hence the SAE) reads: not `chosen`
+        meta["retrieval_content"] = frame_fingerprint(result.rows, ("example_id", "image_sha256", "prompt"))
+    write_parquet_atomic(result.images if result.images is not None else ledger_frame([]), ledger_path, meta)
+    write_pair(result.rows, result.quarantine, out, qout, meta)
+
+
 def _pool_listing_fingerprint(pool_dir) -> str:
-    """Cheap identity of a folder: names, sizes and modification times (content is hashed at ingest)."""
-    entries = sorted((str(p.relative_to(pool_dir)), st.st_size, st.st_mtime_ns)
-                     for p in pool_dir.rglob("*") if p.is_file() and (st := p.stat()))
+    """Identity of a folder's listing: the file names (row_index is a position in it). Their content is covered
+    by the ledger (`_ingest_or_reuse`), so touching a file without changing it does not re-ingest."""
+    entries = sorted(str(p.relative_to(pool_dir)) for p in pool_dir.rglob("*") if p.is_file())
     return fingerprint(entries)
+
+
+def _ledger_file(root, source: str, key: str):
+    return ledger_file(root, source, key)
 
 
 @dg.asset(group_name="ingest", partitions_def=shard_partitions, deps=[source_data], kinds={"parquet"})
@@ -85,8 +114,9 @@ def pool_images(context: dg.AssetExecutionContext, data_root: DataRoot, source: 
     qout = shard_file(root / "ingest" / "quarantine", context.partition_key, prefix="pool-shard=")
     limits = IngestLimits()
     fp = fingerprint("pool", _pool_listing_fingerprint(pool_dir), limits, n, shard)
-    result = _ingest_or_reuse(context, fp, out, qout, lambda: ingest_pool(
-        pool_dir, shard=shard, num_shards=n, limits=limits, progress=True))
+    result = _ingest_or_reuse(context, fp, out, qout, _ledger_file(root, "pool", context.partition_key), limits,
+                              lambda: ingest_pool(pool_dir, shard=shard, num_shards=n, limits=limits, progress=True,
+                                                  require_usable=True))
     context.log.info(f"shard {context.partition_key}: {result.rows_in} in, {result.rows.height} out, "
                      f"{result.quarantine.height} quarantined {result.counts()}")
     return dg.MaterializeResult(metadata=_ingest_metadata(result, out))
@@ -103,10 +133,11 @@ def preference_examples(context: dg.AssetExecutionContext, data_root: DataRoot,
     out = shard_file(root / "ingest" / "examples", context.partition_key)
     qout = shard_file(root / "ingest" / "quarantine", context.partition_key, prefix="examples-shard=")
     limits = IngestLimits()
-    fp = fingerprint("examples", sha256_file(manifest), str(image_root), mapping, limits, n, shard)
-    result = _ingest_or_reuse(context, fp, out, qout, lambda: ingest_examples(
-        manifest, image_root=image_root, mapping=mapping, shard=shard, num_shards=n, limits=limits,
-        progress=True))
+    fp = fingerprint("examples", sha256_file(manifest, what="manifest"), str(image_root), mapping, limits, n, shard)
+    result = _ingest_or_reuse(context, fp, out, qout, _ledger_file(root, "examples", context.partition_key), limits,
+                              lambda: ingest_examples(manifest, image_root=image_root, mapping=mapping, shard=shard,
+                                                      num_shards=n, limits=limits, progress=True,
+                                                      image_store=root / "ingest" / "images", require_usable=True))
     context.log.info(f"shard {context.partition_key}: {result.rows_in} in, {result.rows.height} out, "
                      f"{result.quarantine.height} quarantined {result.counts()}")
     return dg.MaterializeResult(metadata=_ingest_metadata(result, out))

@@ -67,6 +67,19 @@ def _pairs(root, per_example: int, seed: int) -> tuple[np.ndarray, np.ndarray, p
     return np.concatenate(us), np.concatenate(ts), pl.concat(ids), fps
 
 
+def _check_enough_pairs(n_pairs: int, n_positives: int, val_fraction: float, per_example: int) -> None:
+    """The held-out FVU divides by the variance of the held-out pairs: it needs at least 2 of them, so at least
+    ceil(2 / val_fraction) pairs in all. Fewer (one good example) would end in an infinite FVU and advice about
+    the learning rate; say instead what is missing."""
+    need = int(np.ceil(2 / val_fraction))
+    if n_pairs < need:
+        raise ValueError(
+            f"the SAE needs at least {need} (positive, candidate) pairs ({val_fraction:.0%} held out, at least 2); "
+            f"the ingested examples give {n_pairs} pairs from {n_positives} positive image(s) with "
+            f"SaeTrainingConfig.pairs_per_example={per_example}. Add examples (see the ingest quarantine for rows "
+            "that were dropped) or raise pairs_per_example (at most the candidates per example, CandidatesConfig.m)")
+
+
 def _md_table(df: pl.DataFrame, n: int = 20) -> dg.MetadataValue:
     return markdown_table(df, n=n, drop=())
 
@@ -86,6 +99,7 @@ def sae(context: dg.AssetExecutionContext, config: SaeTrainingConfig, data_root:
     cfg = SaeConfig(kind=config.kind, space=config.space, num_latents=config.num_latents, dv=u.shape[1],
                     dt=t.shape[1], rho=config.rho, gamma=config.gamma, k_active=config.k_active, seed=config.seed)
     train_cfg = TrainConfig(max_epochs=config.max_epochs, **({"lr": config.lr} if config.lr else {}))
+    _check_enough_pairs(len(u), ids["positive_sha256"].n_unique(), train_cfg.val_fraction, config.pairs_per_example)
     fp = fingerprint("sae", input_fps, config.model_dump())
     info_path = folder / "training.json"
     if (folder / "cfg.json").exists() and info_path.exists() and \

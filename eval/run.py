@@ -197,8 +197,9 @@ def pope_sources(files: Sequence[str | os.PathLike], image_dir: str | os.PathLik
 # ---------------------------------------------------------------------------------------------- generation
 @lru_cache(maxsize=256)  # questions come grouped by image; a small cache suffices
 def _load_image(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    from pipeline.safe_image import open_ingested  # regular file, size limit, allowed decoders, EXIF-upright
+
+    return open_ingested(path).convert("RGB")
 
 
 def generate_all(model, processor, requests: Sequence[tuple[Path, str]], *, max_new_tokens: int, batch_size: int,

@@ -124,8 +124,8 @@ class ClipEncoder:
         size = self.model.visual.image_size
         return (size, size) if isinstance(size, int) else tuple(size)
 
-    def _load_image(self, path: str | Path) -> torch.Tensor:
-        with Image.open(path) as im:
+    def _load_image(self, path: str | Path, open_image=None) -> torch.Tensor:
+        with (open_image(path) if open_image is not None else Image.open(path)) as im:
             # 16-bit, palette, alpha and CMYK images all become 8-bit RGB, as CLIP was trained on.
             if im.mode in {"I;16", "I;16B", "I;16L", "I"}:
                 arr = np.asarray(im, dtype=np.float64)
@@ -134,13 +134,14 @@ class ClipEncoder:
             return self.preprocess(im.convert("RGB"))
 
     def embed_images(self, paths: Sequence[str | Path], *, batch_size: int = 256, progress: bool = True,
-                     desc: str = "embed images") -> np.ndarray:
-        """L2-normalised image embeddings, float32 (N, D), in the order of `paths`."""
+                     desc: str = "embed images", open_image=None) -> np.ndarray:
+        """L2-normalised image embeddings, float32 (N, D), in the order of `paths`. `open_image(path)`: how to
+        open one (the pipeline passes `pipeline.safe_image`'s checked, upright opener); default `Image.open`."""
         out = np.empty((len(paths), self.dim), dtype=np.float32)
         bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
         with torch.inference_mode():
             for start in range(0, len(paths), batch_size):
-                batch = torch.stack([self._load_image(p) for p in paths[start:start + batch_size]])
+                batch = torch.stack([self._load_image(p, open_image) for p in paths[start:start + batch_size]])
                 feats = self.model.encode_image(batch.to(self.device), normalize=True)
                 out[start:start + len(batch)] = feats.float().cpu().numpy()
                 bar.update(len(batch))

@@ -33,6 +33,11 @@ class ColumnMapping:
     """Dispreferred response y_n; None when the source has none (every example then has a null `rejected`)."""
     image: str = "image"
     """Path of the positive image, relative to the image root (or absolute inside it)."""
+    image_bytes: str | None = None
+    """Column holding the image itself as bytes (the Hugging Face `Image` struct {bytes, path}, as RLAIF-V and
+    RLHF-V are distributed). A row with bytes there uses them: ingest writes each distinct image once to a
+    content-addressed folder under the data root and checks it like any file. A row without bytes (or a manifest
+    without the column) uses `image`."""
     prompt_format: str = "plain"
     """`plain`: the prompt is the question. `llava`: a full LLaVA-v1 conversation prompt ("... USER: <image>\\nQ
     ASSISTANT:") from which ingest keeps only Q, so that the CLIP text encoder and the trainer's own chat
@@ -43,7 +48,7 @@ class ColumnMapping:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"ColumnMapping.{name}={value!r}: name the source column that holds the {name}")
-        for name in ("id", "rejected"):
+        for name in ("id", "rejected", "image_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ValueError(f"ColumnMapping.{name}={value!r}: a source column name, or None")
@@ -86,7 +91,8 @@ class ColumnMapping:
 
     def top_level_columns(self) -> set[str]:
         """Top-level source columns the mapping reads (the rest of a row is carried through as extra columns)."""
-        return {path.split(".")[0] for path in self.source_columns().values()} | set(self.source_columns().values())
+        cols = {path.split(".")[0] for path in self.source_columns().values()} | set(self.source_columns().values())
+        return cols | ({self.image_bytes} if self.image_bytes else set())
 
 
 PRESETS: dict[str, ColumnMapping] = {
@@ -97,10 +103,12 @@ PRESETS: dict[str, ColumnMapping] = {
     "vlfeedback_mdpo": ColumnMapping(id=None, image="img_path", prompt_format="llava"),
     # openbmb/RLHF-V-Dataset: `text` is a JSON string {"question", "chosen", "rejected"}; `idx` int64; `image_path`.
     "rlhf_v": ColumnMapping(
-        id="idx", prompt="text.question", chosen="text.chosen", rejected="text.rejected", image="image_path"
+        id="idx", prompt="text.question", chosen="text.chosen", rejected="text.rejected", image="image_path",
+        image_bytes="image",
     ),
-    # openbmb/RLAIF-V-Dataset: flat `question`, `chosen`, `rejected`; `idx` string; `image_path`.
-    "rlaif_v": ColumnMapping(id="idx", prompt="question", image="image_path"),
+    # openbmb/RLAIF-V-Dataset: flat `question`, `chosen`, `rejected`; `idx` string; `image_path`; `image` the
+    # Hugging Face Image struct {bytes, path} holding the image itself.
+    "rlaif_v": ColumnMapping(id="idx", prompt="question", image="image_path", image_bytes="image"),
 }
 ALIASES: dict[str, str] = {"mdpo": "vlfeedback_mdpo", "rlhfv": "rlhf_v", "rlaifv": "rlaif_v"}
 

@@ -10,6 +10,8 @@ import textwrap
 import polars as pl
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.safe_image import UnsafeImageError, open_ingested
+
 TILE = 128
 LABEL_H = 30
 PROMPT_H = 16
@@ -17,9 +19,9 @@ PROMPT_H = 16
 
 def _tile(path: str) -> Image.Image:
     try:
-        with Image.open(path) as im:
+        with open_ingested(path) as im:  # the checked, upright image (pipeline/safe_image.py)
             return im.convert("RGB").resize((TILE, TILE), Image.NEAREST if min(im.size) <= TILE else Image.BICUBIC)
-    except OSError:  # a file deleted since mining: show a grey tile rather than fail the report
+    except (OSError, UnsafeImageError):  # deleted or changed since ingest: a grey tile, never the changed file
         return Image.new("RGB", (TILE, TILE), (128, 128, 128))
 
 

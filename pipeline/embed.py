@@ -13,6 +13,7 @@ import polars as pl
 from pipeline.clip_encoder import ClipEncoder
 from pipeline.fingerprint import text_id
 from pipeline.ingest_schema import QUARANTINE_SCHEMA, raw_json
+from pipeline.safe_image import ImageOpener
 
 NON_FINITE = "non_finite_embedding"
 """Quarantine reason of a row whose embedding holds NaN or inf."""
@@ -37,28 +38,38 @@ def _with_embeddings(table: pl.DataFrame, matrix: np.ndarray, dim: int) -> pl.Da
     return table.with_columns(embedding_series(matrix))
 
 
+def _loader(opener: ImageOpener | None, paths: list[str], shas: list[str]):
+    """path -> upright image, each checked against the sha256 ingest recorded (`pipeline.safe_image`)."""
+    opener = opener or ImageOpener({})
+    expected = dict(zip(paths, shas))
+    return lambda path: opener(str(path), expected.get(str(path)))
+
+
 def pool_embedding_table(encoder: ClipEncoder, pool: pl.DataFrame, *, batch_size: int = 256,
-                         progress: bool = True) -> pl.DataFrame:
-    """One row per valid pool image (ingest already guarantees unique `image_id`)."""
+                         progress: bool = True, opener: ImageOpener | None = None) -> pl.DataFrame:
+    """One row per valid pool image (ingest already guarantees unique `image_id`). Images are opened through
+    the safe opener: a file changed since ingest raises `ImageChangedError` naming it."""
     table = pool.select(pl.col("image_id").alias("key"), "image_id", "path", "sha256")
-    matrix = encoder.embed_images(table["path"].to_list(), batch_size=batch_size, progress=progress,
-                                  desc="embed pool")
+    paths = table["path"].to_list()
+    matrix = encoder.embed_images(paths, batch_size=batch_size, progress=progress, desc="embed pool",
+                                  open_image=_loader(opener, paths, table["sha256"].to_list()))
     return _with_embeddings(table, matrix, encoder.dim)
 
 
 def positive_embedding_table(encoder: ClipEncoder, examples: pl.DataFrame, *, batch_size: int = 256,
-                             progress: bool = True) -> pl.DataFrame:
+                             progress: bool = True, opener: ImageOpener | None = None) -> pl.DataFrame:
     """One row per unique positive image of the shard, keyed by content hash: several prompts of one
     image, or one image under two names, are embedded once."""
     table = (examples.select(pl.col("image_sha256").alias("key"), "image_id", pl.col("image_path").alias("path"))
              .unique(subset="key", keep="first", maintain_order=True))
-    matrix = encoder.embed_images(table["path"].to_list(), batch_size=batch_size, progress=progress,
-                                  desc="embed positives")
+    paths = table["path"].to_list()
+    matrix = encoder.embed_images(paths, batch_size=batch_size, progress=progress, desc="embed positives",
+                                  open_image=_loader(opener, paths, table["key"].to_list()))
     return _with_embeddings(table, matrix, encoder.dim)
 
 
 def prompt_embedding_table(encoder: ClipEncoder, examples: pl.DataFrame, *, batch_size: int = 512,
-                           progress: bool = True) -> pl.DataFrame:
+                           progress: bool = True, opener: ImageOpener | None = None) -> pl.DataFrame:
     """One row per unique prompt text of the shard, keyed by `prompt_id` = sha1 of the text."""
     prompts = examples.select("prompt").unique(keep="first", maintain_order=True)["prompt"].to_list()
     table = pl.DataFrame({"key": [text_id(p) for p in prompts], "prompt": prompts},

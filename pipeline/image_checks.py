@@ -40,7 +40,7 @@ class ImageProblem(NamedTuple):
     detail: str
 
 
-def _decode_formats() -> list[str]:
+def decode_formats() -> list[str]:
     """DECODE_FORMATS that this Pillow registers (newer Pillow opens MPO through its JPEG plugin)."""
     Image.init()
     return [f for f in DECODE_FORMATS if f in Image.OPEN]
@@ -91,7 +91,7 @@ def check_image(path: Path, limits: IngestLimits) -> ImageInfo | ImageProblem:
         # are not reasons to reject a file and must not reach the caller's warning filters.
         warnings.simplefilter("ignore")
         try:
-            im = Image.open(io.BytesIO(data), formats=_decode_formats())
+            im = Image.open(io.BytesIO(data), formats=decode_formats())
         except Image.DecompressionBombError as exc:
             return ImageProblem(
                 "image_too_large",

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import unicodedata
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 
 from pipeline.column_mapping import MISSING, ColumnMapping, FieldError, derive_id, lookup, strip_llava_prompt
 from pipeline.image_checks import IMAGE_EXTENSIONS, ImageInfo, ImageProblem, check_image
-from pipeline.ingest_manifest import Manifest, extra_columns_frame, read_manifest
+from pipeline.ingest_manifest import Manifest, StoredImage, extra_columns_frame, read_manifest
 from pipeline.ingest_schema import (
     EXAMPLE_SCHEMA,
     POOL_SCHEMA,
@@ -31,9 +33,11 @@ from pipeline.ingest_schema import (
     Quarantined,
     quarantine_frame,
     raw_json,
+    short_text,
 )
 from pipeline.parquet_io import write_parquet_atomic
-from pipeline.paths import data_root, shard_file
+from pipeline.paths import DATA_ROOT_ENV, data_root, shard_file
+from pipeline.safe_image import ledger_file, ledger_frame, ledger_row, stamp
 from pipeline.sharding import shard_of
 
 __all__ = [
@@ -109,8 +113,9 @@ def ingest_pool(
     num_shards: int,
     limits: IngestLimits = IngestLimits(),
     progress: bool = True,
+    require_usable: bool = False,
 ) -> IngestResult:
-    """Validate the pool images of one shard.
+    """Validate the pool images of one shard (`require_usable`: as for `ingest_examples`).
 
     Lists png/jpg/jpeg/webp/bmp/gif/tif/tiff files (any case) under `pool_dir`, sorts them by relative path
     (`image_id`; `row_index` is the position in that listing), keeps those with
@@ -134,6 +139,7 @@ def ingest_pool(
 
     rows: list[dict[str, Any]] = []
     bad: list[Quarantined] = []
+    ledger: list[dict[str, Any]] = []
     mine = [(i, rel) for i, rel in enumerate(listing) if shard_of(_unreadable_key(rel), num_shards) == shard]
     for row_index, rel in tqdm(mine, desc=f"pool shard {shard:03d}", disable=not progress, unit="img"):
         full = root / rel
@@ -145,9 +151,12 @@ def ingest_pool(
         raw = raw_json({"image_id": rel, "path": str(full)})
         target = _resolve_inside(full, root, rel)
         if isinstance(target, ImageProblem):
+            ledger.append(ledger_row(str(full), root, _resolved_or_none(full), stamp(full), None))
             bad.append(Quarantined(row_index, rel, target.reason, target.detail, raw))
             continue
+        before = stamp(target)
         info = check_image(target, limits)
+        ledger.append(ledger_row(str(full), root, target, before, getattr(info, "sha256", None)))
         if isinstance(info, ImageProblem):
             bad.append(Quarantined(row_index, rel, info.reason, info.detail, raw))
             continue
@@ -166,8 +175,26 @@ def ingest_pool(
         quarantine=quarantine_frame(bad, "pool"),
         rows_in=len(mine),
         notes=tuple(notes),
-    )
-    return result.check()
+        images=ledger_frame(ledger),
+    ).check()
+    others = (rel for rel in listing if shard_of(_unreadable_key(rel), num_shards) != shard and _is_utf8(rel))
+    if require_usable and not rows and not any(
+            not isinstance(_resolve_inside(root / rel, root, rel), ImageProblem)
+            and _probe_image(root / rel, limits) is _PROBED for rel in others):
+        raise NoUsableRowsError(
+            f"pool folder {given}: none of its {len(listing)} image files can be used (this shard: "
+            f"{result.counts()}). Read the quarantine tables (<data root>/ingest/quarantine/pool-shard=*.parquet, "
+            "column `detail` says what to fix) and fix or replace the images",
+            result,
+        )
+    return result
+
+
+def _resolved_or_none(path: Path) -> Path | None:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return None
 
 
 def _resolve_inside(path: Path, root: Path, shown: str) -> Path | ImageProblem:
@@ -211,6 +238,32 @@ class _Candidate(NamedTuple):
     data: dict[str, Any]
 
 
+class NoUsableRowsError(ValueError):
+    """No row of the whole input survives ingest. `result` is this shard's result (its quarantine says why)."""
+
+    def __init__(self, message: str, result: IngestResult):
+        super().__init__(message)
+        self.result = result
+
+
+# Characters that render as nothing: a text made only of these (and whitespace) is empty. Unicode categories
+# Cc/Cf (controls, zero-width space/joiners, BOM, bidi marks), Zs/Zl/Zp (separators), Mn/Me (combining marks with
+# nothing to combine with), plus the "filler" letters that fonts draw blank.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Me"})
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u17b4\u17b5")
+
+
+def is_blank(text: str) -> bool:
+    """True when `text` shows nothing: empty, whitespace, or only invisible characters (zero-width spaces...)."""
+    return all(ch.isspace() or ch in _BLANK_LETTERS or unicodedata.category(ch) in _INVISIBLE_CATEGORIES
+               for ch in text)
+
+
+def default_image_store() -> Path:
+    """Where image bytes from a manifest are written when no `image_store` is given: `<data root>/ingest/images`."""
+    return Path(os.environ.get(DATA_ROOT_ENV) or "data").expanduser().resolve() / "ingest" / "images"
+
+
 def ingest_examples(
     manifest: str | os.PathLike,
     *,
@@ -220,14 +273,21 @@ def ingest_examples(
     num_shards: int,
     limits: IngestLimits = IngestLimits(),
     progress: bool = True,
+    image_store: str | os.PathLike | None = None,
+    require_usable: bool = False,
 ) -> IngestResult:
     """Validate the preference examples of one shard.
 
     `manifest`: JSON Lines (`.jsonl`, `.ndjson`, `.json`), a top-level JSON array (`.json`) or Parquet.
     `image_root`: the folder image paths are relative to (default: the manifest's folder); no image outside it
     is read. `mapping`: a `ColumnMapping`, a preset name, or a dict / JSON text (`ColumnMapping.resolve`).
+    `image_store`: where images given as bytes in the manifest (`ColumnMapping.image_bytes`) are written, one file
+    per distinct image (default `<data root>/ingest/images`); they are then checked like any file, with the store
+    as their root.
     Duplicate ids are found over the whole manifest (the first row in file order wins), then rows are sharded by
     `example_id`; rows without a readable id are sharded by `#row=<row_index>`.
+    `require_usable`: raise `NoUsableRowsError` (carrying this shard's result) when no row of the whole manifest
+    can be used, instead of returning empty tables that later stages would fail on with less useful advice.
     """
     shard, num_shards = _check_shard(shard, num_shards)
     cmap = ColumnMapping.resolve(mapping)
@@ -236,16 +296,20 @@ def ingest_examples(
     if not root_given.is_dir():
         raise FileNotFoundError(f"image root {root_given} is not an existing folder; pass image_root=")
     root = root_given.resolve()
-    m = read_manifest(manifest_path, needed=cmap.top_level_columns())
+    store = Path(image_store).expanduser().resolve() if image_store is not None else default_image_store()
+    m = read_manifest(manifest_path, needed=cmap.top_level_columns(), image_bytes=cmap.image_bytes,
+                      image_store=store, max_row_bytes=limits.max_row_bytes, max_image_bytes=limits.max_file_bytes)
     notes = list(m.notes)
 
     derive = cmap.id is None or not _source_has(m, cmap.id)
     if derive:
         why = "the mapping has no id column" if cmap.id is None else f"column {cmap.id!r} is absent from the manifest"
         notes.append(f"{why}: example ids are derived from content (sha1 of image, prompt, chosen, rejected; 16 hex)")
+    has_bytes = cmap.image_bytes is not None and cmap.image_bytes in m.columns
     mapped = [f for f in ("prompt", "chosen", "rejected", "image") if getattr(cmap, f) is not None]
     if any(r.data is not None for r in m.rows):  # when no row parses, each is quarantined instead
-        absent = [getattr(cmap, f) for f in ("prompt", "chosen", "image") if not _source_has(m, getattr(cmap, f))]
+        absent = [getattr(cmap, f) for f in ("prompt", "chosen", "image") if not _source_has(m, getattr(cmap, f))
+                  and not (f == "image" and has_bytes)]
         if absent:
             raise ValueError(
                 f"manifest {manifest_path}: mapped column(s) {absent} are absent from every row (its columns: "
@@ -276,22 +340,36 @@ def ingest_examples(
             detail = f"{r.where}: {exc}; fix the column or the column mapping"
             bad_all.append((row_key, Quarantined(r.row_index, None, "malformed_row", detail, raw_json(r.data))))
             continue
+        stored = r.data.get(cmap.image_bytes) if has_bytes else None
+        if isinstance(stored, StoredImage):
+            fields["stored"] = stored
         if derive:
-            content = [fields.get(f, MISSING) for f in ("image", "prompt", "chosen", "rejected")]
+            # A stored image counts by its content-addressed name, so that ids do not depend on the data root.
+            image = (Path(stored.path).name if stored.path else None) if isinstance(stored, StoredImage) \
+                else fields.get("image", MISSING)
+            content = [image, *(fields.get(f, MISSING) for f in ("prompt", "chosen", "rejected"))]
             example_id = derive_id(*(None if v is MISSING else v for v in content))
         else:
             value = fields["id"]
             example_id = _id_text(value) if value is not MISSING else None
-            if value is MISSING or value is None or (example_id is not None and not example_id.strip()):
-                detail = f"{r.where} has no id in column {cmap.id!r}; give every row a unique id"
+            if value is MISSING or value is None or (example_id is not None and is_blank(example_id)):
+                detail = (f"{r.where} has no id in column {cmap.id!r} (or only invisible characters); "
+                          "give every row a unique id")
                 bad_all.append((row_key, Quarantined(r.row_index, None, "missing_field", detail, raw_json(r.data))))
                 continue
             if example_id is None:
                 detail = (
-                    f"{r.where}: id {value!r} in column {cmap.id!r} has type {type(value).__name__}; "
+                    f"{r.where}: id {short_text(repr(value))} in column {cmap.id!r} has type {type(value).__name__}; "
                     "use a string or an integer"
                 )
                 bad_all.append((row_key, Quarantined(r.row_index, None, "malformed_row", detail, raw_json(r.data))))
+                continue
+            if len(example_id) > limits.max_id_chars:
+                detail = (f"{r.where}: the id in column {cmap.id!r} has {len(example_id):,} characters > "
+                          f"max_id_chars={limits.max_id_chars:,}; use a short unique id or raise "
+                          "IngestLimits.max_id_chars")
+                bad_all.append((row_key, Quarantined(r.row_index, short_text(example_id), "text_too_long", detail,
+                                                     raw_json(r.data))))
                 continue
         if example_id in first_seen:
             first, first_where = first_seen[example_id]
@@ -308,10 +386,12 @@ def ingest_examples(
     bad = [q for key, q in bad_all if shard_of(key, num_shards) == shard]
     mine = [c for c in candidates if shard_of(c.example_id, num_shards) == shard]
     rows_in = len(bad) + len(mine)
+    n_parse_bad = len(bad)  # reasons found in pass 1; pass 2 appends this shard's own
     checked: dict[str, ImageInfo | ImageProblem] = {}
+    ledger: dict[str, dict[str, Any]] = {}
     kept: list[tuple[_Candidate, dict[str, Any]]] = []
     for c in tqdm(mine, desc=f"examples shard {shard:03d}", disable=not progress, unit="row"):
-        out = _check_example(c, cmap, limits, root, checked)
+        out = _check_example(c, cmap, limits, root, checked, ledger)
         if isinstance(out, Quarantined):
             bad.append(out)
         else:
@@ -337,8 +417,42 @@ def ingest_examples(
         quarantine=quarantine_frame(bad, "examples"),
         rows_in=rows_in,
         notes=tuple(notes),
-    )
-    return result.check()
+        images=ledger_frame(ledger.values()),
+    ).check()
+    if require_usable and not kept and not _any_usable(candidates, shard, num_shards, cmap, limits, root):
+        reasons = Counter(q.reason for _, q in bad_all) + Counter(q.reason for q in bad[n_parse_bad:])
+        raise NoUsableRowsError(
+            f"manifest {manifest_path}: none of its {len(m.rows)} rows can be used (quarantine reasons, this shard "
+            f"and the whole manifest's parse/id checks: {dict(reasons.most_common())}). Read the quarantine tables "
+            "(<data root>/ingest/quarantine/examples-shard=*.parquet, column `detail` says what to fix), fix the "
+            "manifest, the column mapping or the image root, and re-run",
+            result,
+        )
+    return result
+
+
+def _any_usable(candidates: list[_Candidate], shard: int, num_shards: int, cmap: ColumnMapping,
+                limits: IngestLimits, root: Path) -> bool:
+    """Whether a row of another shard passes every check short of decoding its image (text, path, a regular
+    non-empty file of allowed size): cheap, and it stops at the first such row."""
+    for c in candidates:
+        if shard_of(c.example_id, num_shards) != shard:
+            if not isinstance(_check_example(c, cmap, limits, root, {}, {}, probe=True), Quarantined):
+                return True
+    return False
+
+
+_PROBED = ImageProblem("", "passes the checks short of decoding")  # a probe's "looks usable"
+
+
+def _probe_image(target: Path, limits: IngestLimits) -> ImageInfo | ImageProblem:
+    """`check_image` without reading the file: exists, regular, non-empty, within `max_file_bytes`."""
+    st = stamp(target)
+    if st is None or not target.is_file():
+        return ImageProblem("missing_file", f"{target} is missing or not a regular file")
+    if st.size == 0 or st.size > limits.max_file_bytes:
+        return ImageProblem("empty_file" if st.size == 0 else "image_too_large", f"{target} has {st.size} bytes")
+    return _PROBED
 
 
 def _check_example(
@@ -347,15 +461,21 @@ def _check_example(
     limits: IngestLimits,
     root: Path,
     checked: dict[str, ImageInfo | ImageProblem],
+    ledger: dict[str, dict[str, Any]],
+    probe: bool = False,
 ) -> Quarantined | dict[str, Any]:
-    """The output row of candidate `c`, or the first problem found, in the order of docs/ingest.md."""
+    """The output row of candidate `c`, or the first problem found, in the order of docs/ingest.md. Images
+    checked are recorded in `ledger` (path as joined -> ledger row). `probe`: skip decoding (see `_any_usable`)."""
 
     def q(reason: str, detail: str) -> Quarantined:
         return Quarantined(c.row_index, c.example_id, reason, f"{c.where}: {detail}", raw_json(c.data))
 
+    stored: StoredImage | None = c.fields.get("stored")
     values: dict[str, Any] = {}
     for f in ("prompt", "chosen", "image"):
         value = c.fields.get(f, MISSING)
+        if f == "image" and stored is not None:
+            value = value if isinstance(value, str) and value.strip() else (stored.name or stored.path or "")
         if value is MISSING or value is None:
             return q("missing_field", f"no {f} (column {getattr(cmap, f)!r}); fill it in or fix the column mapping")
         values[f] = value
@@ -367,12 +487,15 @@ def _check_example(
             return q("malformed_row", f"{f} has type {kind}, expected a string (column {getattr(cmap, f)!r})")
 
     prompt = strip_llava_prompt(values["prompt"]) if cmap.prompt_format == "llava" else values["prompt"]
-    if not prompt.strip():
-        return q("empty_prompt", "the prompt is empty or blank; write the instruction or drop the row")
-    if not values["chosen"].strip():
-        return q("empty_response", "the chosen response is empty or blank; fill it in or drop the row")
-    if values["rejected"] is not None and not values["rejected"].strip():
-        return q("empty_response", "the rejected response is an empty string; fill it in, or use null if there is none")
+    if is_blank(prompt):
+        return q("empty_prompt", "the prompt is empty, blank or only invisible characters; write the instruction "
+                 "or drop the row")
+    if is_blank(values["chosen"]):
+        return q("empty_response", "the chosen response is empty, blank or only invisible characters; fill it in "
+                 "or drop the row")
+    if values["rejected"] is not None and is_blank(values["rejected"]):
+        return q("empty_response", "the rejected response is empty or only invisible characters; fill it in, or "
+                 "use null if there is none")
     for f, text in (("prompt", prompt), ("chosen", values["chosen"]), ("rejected", values["rejected"])):
         if text is not None and len(text) > limits.max_text_chars:
             return q(
@@ -382,20 +505,38 @@ def _check_example(
             )
 
     image_id = values["image"]
-    if not image_id.strip():
-        return q("missing_field", f"the image path is empty (column {cmap.image!r}); give a path under the image root")
-    if "://" in image_id:
-        return q("missing_file", f"image {image_id!r} is a URL; download the images, give paths under the image root")
-    if "\x00" in image_id:
-        return q("missing_file", f"image path {image_id!r} contains a NUL byte; fix the path")
-    given = Path(image_id)
-    target = _resolve_inside(given if given.is_absolute() else root / given, root, f"image {image_id!r}")
+    if stored is not None:
+        if stored.problem is not None:
+            return q(*stored.problem)
+        image_root, joined = Path(stored.root), Path(stored.path)
+    else:
+        if not image_id.strip():
+            return q("missing_field",
+                     f"the image path is empty (column {cmap.image!r}); give a path under the image root")
+        if "://" in image_id:
+            return q("missing_file",
+                     f"image {image_id!r} is a URL; download the images, give paths under the image root")
+        if "\x00" in image_id:
+            return q("missing_file", f"image path {image_id!r} contains a NUL byte; fix the path")
+        given = Path(image_id)
+        image_root, joined = root, (given if given.is_absolute() else root / given)
+    target = _resolve_inside(joined, image_root, f"image {short_text(image_id)!r}")
     if isinstance(target, ImageProblem):
+        if not probe:
+            ledger.setdefault(str(joined), ledger_row(str(joined), image_root, _resolved_or_none(joined),
+                                                      stamp(joined), None))
         return q(target.reason, target.detail)
     key = str(target)
+    before = None
     if key not in checked:
-        checked[key] = check_image(target, limits)
+        before = stamp(target)
+        checked[key] = _probe_image(target, limits) if probe else check_image(target, limits)
     info = checked[key]
+    if probe:
+        return q(*info) if info is not _PROBED else {}
+    if str(joined) not in ledger:
+        ledger[str(joined)] = ledger_row(str(joined), image_root, target, before or stamp(target),
+                                         getattr(info, "sha256", None))
     if isinstance(info, ImageProblem):
         return q(info.reason, info.detail)
     return {
@@ -431,6 +572,8 @@ def write_result(
     key = f"{int(shard):03d}"
     folder = data_root(root) / "ingest"
     meta = {"ingest": {**result.summary(), "notes": list(result.notes)}, **(metadata or {})}
+    if result.images is not None:
+        write_parquet_atomic(result.images, ledger_file(data_root(root), source, key), meta)
     rows_path = write_parquet_atomic(result.rows, shard_file(folder / source, key), meta)
     quarantine_path = write_parquet_atomic(
         result.quarantine, shard_file(folder / "quarantine", key, prefix=f"{source}-shard="), meta

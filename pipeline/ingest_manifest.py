@@ -7,13 +7,18 @@ array, unreadable Parquet, no rows) raises an exception that names the file: the
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, Iterator, NamedTuple
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.parquet_io import write_bytes_atomic
+from pipeline.safe_files import NotRegularFileError, bounded_reader, open_regular
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -40,24 +45,34 @@ class Manifest(NamedTuple):
     notes: tuple[str, ...]
 
 
-def read_manifest(path: str | Path, *, needed: set[str] = frozenset()) -> Manifest:
-    """Read `path`. `needed` are the columns the column mapping reads (a Parquet column of image bytes among
-    them is an error: such sets must be exported to image files first, see docs/ingest.md)."""
+def read_manifest(path: str | Path, *, needed: set[str] = frozenset(), image_bytes: str | None = None,
+                  image_store: Path | None = None, max_row_bytes: int = 64 * 1024 * 1024,
+                  max_image_bytes: int = 200 * 1024 * 1024) -> Manifest:
+    """Read `path`. `needed` are the columns the column mapping reads (a Parquet column of bytes among them is an
+    error, except `image_bytes`: the column holding Hugging Face `Image` structs {bytes, path}, whose bytes are
+    written once into the content-addressed folder `image_store` and replaced by the stored file's path).
+
+    The file must be a regular file (a FIFO or device raises `NotRegularFileError` at once, never blocks). JSON
+    Lines are read one line at a time (a line over `max_row_bytes` is a `malformed_row`, skipped without holding
+    it in memory); Parquet is read one row group at a time, so image bytes are never all in memory."""
     path = Path(path).expanduser()
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise FileNotFoundError(f"manifest {path} does not exist; pass the path of a .jsonl, .json or .parquet file")
-    if not path.is_file():
-        raise ValueError(f"manifest {path} is not a file; pass the path of a .jsonl, .json or .parquet file")
     suffix = path.suffix.lower()
-    if suffix in PARQUET_SUFFIXES:
-        manifest = _read_parquet(path, needed)
-    elif suffix in JSON_SUFFIXES:
-        manifest = _read_json(path)
-    else:
+    if suffix not in PARQUET_SUFFIXES + JSON_SUFFIXES:
         raise ValueError(
             f"manifest {path} has suffix {suffix!r}; supported: {list(JSON_SUFFIXES + PARQUET_SUFFIXES)} "
             "(compressed files: decompress them first)"
         )
+    try:
+        fh = open_regular(path, what="manifest")
+    except NotRegularFileError as exc:
+        raise NotRegularFileError(f"{exc}; pass the path of a .jsonl, .json or .parquet file") from None
+    with fh:
+        if suffix in PARQUET_SUFFIXES:
+            manifest = _read_parquet(path, fh, needed, image_bytes, image_store, max_image_bytes)
+        else:
+            manifest = _read_json(path, fh, max_row_bytes)
     if not manifest.rows:
         raise ValueError(f"manifest {path} has no rows")
     return manifest
@@ -85,24 +100,63 @@ def _parsed(row_index: int, where: str, data: Any, raw: str) -> ManifestRow:
     return ManifestRow(row_index, where, data, None, None)
 
 
-def _read_json(path: Path) -> Manifest:
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark written by some editors
-        data = data[3:]
-    head = data.lstrip()[:1]
-    if head == b"[":
-        return _read_json_array(path, data)
+def _lines(reader: BinaryIO, max_row_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, line without its newline or None when longer than `max_row_bytes`, its length). Lines are
+    read in blocks of at most 1 MiB; an over-long line is dropped block by block, so memory stays bounded by
+    `max_row_bytes` whatever the file holds."""
+    line_no = 0
+    block = min(max_row_bytes + 1, 1 << 20)
+    while True:
+        chunk = reader.readline(block)
+        if not chunk:
+            return
+        line_no += 1
+        parts, length = [chunk], len(chunk)
+        while not chunk.endswith(b"\n") and length <= max_row_bytes:
+            chunk = reader.readline(block)
+            if not chunk:
+                break
+            parts.append(chunk)
+            length += len(chunk)
+        if length <= max_row_bytes or (length == max_row_bytes + 1 and chunk.endswith(b"\n")):
+            yield line_no, b"".join(parts).rstrip(b"\n"), length
+            continue
+        parts.clear()  # over the limit: skip to the end of the line without keeping it
+        while chunk and not chunk.endswith(b"\n"):
+            chunk = reader.readline(1 << 20)
+            length += len(chunk)
+        yield line_no, None, length
+
+
+def _read_json(path: Path, fh: BinaryIO, max_row_bytes: int) -> Manifest:
+    reader = bounded_reader(fh)
+    head = reader.peek(1 << 16)[:1 << 16]
+    if head.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark written by some editors
+        reader.read(3)
+        head = head[3:]
+    first = head.lstrip()[:1]
+    if first == b"[":
+        try:  # a JSON array is one value: it is parsed whole (docs/ingest.md)
+            return _read_json_array(path, reader.read())
+        except MemoryError:
+            raise ValueError(f"manifest {path} is a JSON array too large to parse in memory; convert it to JSON "
+                             "Lines (one object per line), which is read line by line") from None
     rows: list[ManifestRow] = []
-    for line_no, line in enumerate(data.split(b"\n"), start=1):
+    for line_no, line, length in _lines(reader, max_row_bytes):
+        where = f"line {line_no}"
+        if line is None:
+            detail = (f"{where} is {length:,} bytes, over max_row_bytes={max_row_bytes:,}; it was skipped unread. "
+                      "Split or shorten the row, or raise IngestLimits.max_row_bytes")
+            rows.append(ManifestRow(len(rows), where, None, ("malformed_row", detail), f"<{length} bytes>"))
+            continue
         line = line.rstrip(b"\r")
         if not line.strip():
             continue  # blank lines are not rows
         row_index = len(rows)
-        where = f"line {line_no}"
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raw = line.decode("utf-8", "backslashreplace")
+            raw = line[:4000].decode("utf-8", "backslashreplace")
             byte = f"byte 0x{line[exc.start]:02x} at column {exc.start + 1}"
             detail = f"{where} is not UTF-8 ({byte}); re-save the file as UTF-8"
             rows.append(ManifestRow(row_index, where, None, ("invalid_text", detail), raw))
@@ -111,13 +165,15 @@ def _read_json(path: Path) -> Manifest:
             parsed = json.loads(text)
         except (json.JSONDecodeError, RecursionError) as exc:
             detail = f"{where} is not valid JSON ({exc}); fix or delete the line"
-            rows.append(ManifestRow(row_index, where, None, ("malformed_row", detail), text))
+            rows.append(ManifestRow(row_index, where, None, ("malformed_row", detail), text[:4000]))
             continue
-        rows.append(_parsed(row_index, where, parsed, text))
-    if rows and all(r.data is None for r in rows) and head == b"{":
+        rows.append(_parsed(row_index, where, parsed, text[:4000]))
+    if rows and all(r.data is None for r in rows) and first == b"{":
+        # No line parses: perhaps one pretty-printed JSON object (read whole only in this failure case).
         try:
-            whole = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            fh.seek(0)
+            whole = json.loads(fh.read(os.fstat(fh.fileno()).st_size).removeprefix(b"\xef\xbb\xbf"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError, MemoryError):
             whole = None
         if isinstance(whole, dict):
             raise ValueError(
@@ -127,6 +183,8 @@ def _read_json(path: Path) -> Manifest:
 
 
 def _read_json_array(path: Path, data: bytes) -> Manifest:
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
     try:
         items = json.loads(data)
     except UnicodeDecodeError as exc:
@@ -171,28 +229,96 @@ def _has_binary(t: pa.DataType) -> bool:
     return False
 
 
-def _read_parquet(path: Path, needed: set[str]) -> Manifest:
+IMAGE_SUFFIXES = ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"GIF8", ".gif"), (b"BM", ".bmp"),
+                  (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"))
+
+
+def _suffix(data: bytes) -> str:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    return next((ext for magic, ext in IMAGE_SUFFIXES if data.startswith(magic)), ".img")
+
+
+class StoredImage(NamedTuple):
+    """An image that came as bytes in the manifest: the file ingest wrote it to (inside `root`), or why not."""
+
+    path: str | None
+    root: str
+    name: str | None
+    """The struct's own `path` (the file name it had), when given."""
+    problem: tuple[str, str] | None
+
+
+def store_image_bytes(value: Any, store: Path, max_bytes: int) -> StoredImage | None:
+    """Write the bytes of a Hugging Face `Image` value ({bytes, path}, or raw bytes) to
+    `<store>/<sha256[:2]>/<sha256><ext>` unless that file exists (content-addressed: each distinct image is
+    written once, and parallel shards write the same file atomically). None when the value holds no bytes."""
+    if isinstance(value, dict):
+        data, name = value.get("bytes"), value.get("path")
+    else:
+        data, name = value, None
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        return None
+    data = bytes(data)
+    root = str(store)
+    if not data:
+        return StoredImage(None, root, name, ("empty_file", "the image bytes are empty (0 bytes); re-export the row"))
+    if len(data) > max_bytes:
+        return StoredImage(None, root, name, ("image_too_large", f"the image bytes are {len(data):,} bytes > "
+                                               f"max_file_bytes={max_bytes:,}; raise IngestLimits.max_file_bytes"))
+    sha = hashlib.sha256(data).hexdigest()
+    target = store / sha[:2] / f"{sha}{_suffix(data)}"
+    if not target.is_file() or target.stat().st_size != len(data):
+        write_bytes_atomic(data, target)
+    return StoredImage(str(target), root, name, None)
+
+
+def _read_parquet(path: Path, fh: BinaryIO, needed: set[str], image_bytes: str | None, image_store: Path | None,
+                  max_image_bytes: int) -> Manifest:
     try:
-        table = pq.read_table(path)
+        pf = pq.ParquetFile(fh)
+        schema = pf.schema_arrow
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for unreadable files
         raise ValueError(f"manifest {path} is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
-    binary = [name for name in table.column_names if _has_binary(table.schema.field(name).type)]
-    clash = sorted(set(binary) & set(needed))
+    binary = [name for name in schema.names if _has_binary(schema.field(name).type)]
+    embedded = image_bytes if image_bytes in binary else None
+    clash = sorted((set(binary) & set(needed)) - {embedded})
     if clash:
         raise ValueError(
-            f"manifest {path}: column(s) {clash} hold image bytes; ingest reads images from files. Export them "
-            "to files and map `image` to a column of relative paths (docs/ingest.md, 'Images embedded in Parquet')"
+            f"manifest {path}: column(s) {clash} hold bytes (image bytes?), not image paths; map the image-bytes "
+            "column as `image_bytes` (the rlaif_v and rlhf_v presets do) or map `image` to a column of relative paths"
         )
-    notes = ()
-    if binary:
-        notes = (f"dropped column(s) {binary} of {path.name}: they hold bytes (embedded images), never carried",)
-        table = table.drop_columns(binary)
+    if embedded and image_store is None:
+        raise ValueError(f"manifest {path}: column {embedded!r} holds image bytes; pass image_store= (a folder "
+                         "under the data root) so that ingest can write them to files")
+    dropped = [b for b in binary if b != embedded]
+    notes: tuple[str, ...] = ()
+    if dropped:
+        notes = (f"dropped column(s) {dropped} of {path.name}: they hold bytes, never carried",)
+    if embedded:
+        notes += (f"images of column {embedded!r} written once each to {image_store} (content-addressed)",)
+    keep = [n for n in schema.names if n not in binary]
+    rows: list[ManifestRow] = []
+    tables = []
     try:
-        records = table.to_pylist()
-    except Exception as exc:  # noqa: BLE001 - e.g. a string column holding invalid UTF-8
+        for batch in pf.iter_batches(batch_size=1024, columns=keep + ([embedded] if embedded else [])):
+            records = batch.select(keep).to_pylist() if keep else [{} for _ in range(batch.num_rows)]
+            if embedded:
+                for rec, value in zip(records, batch.column(embedded).to_pylist()):
+                    stored = store_image_bytes(value, image_store, max_image_bytes) if value is not None else None
+                    if stored is not None:
+                        rec[embedded] = stored
+            for rec in records:
+                i = len(rows)
+                rows.append(_with_raw(_parsed(i, f"row {i}", rec, None), rec))
+            tables.append(pa.Table.from_batches([batch.select(keep)]) if keep else None)
+    except Exception as exc:  # noqa: BLE001 - e.g. a string column holding invalid UTF-8, a corrupt row group
         raise ValueError(f"manifest {path}: cannot decode its rows ({type(exc).__name__}: {exc})") from None
-    rows = [_with_raw(_parsed(i, f"row {i}", rec, None), rec) for i, rec in enumerate(records)]
-    return Manifest(path, "parquet", rows, list(table.column_names), table, notes)
+    table = pa.concat_tables([t for t in tables if t is not None]) if keep and tables else schema.empty_table()
+    if keep:
+        table = table.select(keep)
+    columns = keep + ([embedded] if embedded else [])
+    return Manifest(path, "parquet", rows, columns, table, notes)
 
 
 def extra_columns_frame(manifest: Manifest, columns: list[str], row_indices: list[int]) -> pl.DataFrame:

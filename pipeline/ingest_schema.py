@@ -76,9 +76,13 @@ class IngestLimits:
     """Longest prompt or response, in characters (`text_too_long`)."""
     max_file_bytes: int = 200 * 1024 * 1024
     """Largest image file in bytes (`image_too_large`); each file is read into memory once to hash and decode it."""
+    max_id_chars: int = 512
+    """Longest example id, in characters (`text_too_long`): ids are keys in every table, log line and cache."""
+    max_row_bytes: int = 64 * 1024 * 1024
+    """Longest JSON Lines line in bytes (`malformed_row`); a longer line is skipped without being held in memory."""
 
     def __post_init__(self) -> None:
-        for name in ("max_pixels", "min_side", "max_text_chars", "max_file_bytes"):
+        for name in ("max_pixels", "min_side", "max_text_chars", "max_file_bytes", "max_id_chars", "max_row_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"IngestLimits.{name}={value!r}: must be a positive integer")
@@ -92,6 +96,9 @@ class IngestResult(NamedTuple):
     rows_in: int
     notes: tuple[str, ...] = ()
     """Things the run did that a user should know (ids derived, columns renamed or dropped)."""
+    images: pl.DataFrame | None = None
+    """The image ledger of the shard (`pipeline.safe_image.LEDGER_SCHEMA`): every image file checked, with its
+    stamp and sha256, so that readers can verify what they open and reruns can tell whether images changed."""
 
     def counts(self) -> dict[str, int]:
         """Quarantined rows by reason, most frequent first."""
@@ -136,6 +143,11 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return f"<{len(value)} bytes>"
     return str(value)
+
+
+def short_text(text: str, limit: int = 200) -> str:
+    """`text` cut to `limit` characters for a detail or an id column (a 1,000,007-character id stays readable)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} chars)"
 
 
 def raw_json(value: Any) -> str:

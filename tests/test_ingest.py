@@ -458,7 +458,8 @@ def test_mapping_resolve() -> None:
     m = ColumnMapping.resolve({"prompt": "question", "image": "file"})
     assert (m.prompt, m.image, m.chosen) == ("question", "file", "chosen")
     assert ColumnMapping.resolve('{"preset": "rlhf_v", "id": null}') == ColumnMapping(
-        id=None, prompt="text.question", chosen="text.chosen", rejected="text.rejected", image="image_path"
+        id=None, prompt="text.question", chosen="text.chosen", rejected="text.rejected", image="image_path",
+        image_bytes="image",
     )
     assert ColumnMapping.resolve(m) is m
     with pytest.raises(ValueError, match="rlaif_v"):
@@ -533,7 +534,9 @@ def test_rlhf_v_parquet(tmp_path: Path) -> None:
     )
     path = tmp_path / "RLHF-V-Dataset.parquet"
     pq.write_table(table, path)
-    res = ingest_examples(path, image_root=tmp_path / "imgs", mapping="rlhf_v", shard=0, num_shards=1, progress=False)
+    # The files route (images exported by hand): the bytes column is not read.
+    res = ingest_examples(path, image_root=tmp_path / "imgs", mapping={"preset": "rlhf_v", "image_bytes": None},
+                          shard=0, num_shards=1, progress=False)
     assert res.rows["example_id"].to_list() == ["10", "12"]
     assert res.rows["prompt"].to_list() == ["What is on the table?", "Describe."]
     assert res.rows["rejected"].to_list() == ["A plate and a cup.", None]
@@ -542,7 +545,8 @@ def test_rlhf_v_parquet(tmp_path: Path) -> None:
     assert _by_row(res.quarantine) == [(None, "malformed_row")]
     assert any("image" in n and "bytes" in n for n in res.notes)
     with pytest.raises(ValueError, match="image bytes"):
-        ingest_examples(path, image_root=tmp_path / "imgs", mapping={"preset": "rlhf_v", "image": "image"}, shard=0, num_shards=1)
+        ingest_examples(path, image_root=tmp_path / "imgs", mapping={"preset": "rlhf_v", "image": "image",
+                                                                     "image_bytes": None}, shard=0, num_shards=1)
 
 
 def test_rlaif_v_parquet(tmp_path: Path) -> None:

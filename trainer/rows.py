@@ -18,8 +18,9 @@ from trainer.losses import LossConfig
 
 @lru_cache(maxsize=4096)
 def load_image(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    from pipeline.safe_image import open_ingested  # checked against ingest's record, EXIF-upright
+
+    return open_ingested(path).convert("RGB")
 
 
 class Rows(NamedTuple):
