@@ -205,7 +205,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
             acc.wait_for_everyone()
             if acc.is_main_process:
                 save_checkpoint(ckpt_dir, step + 1, acc.unwrap_model(model), optimizer, scheduler, {"is": is_gen},
-                                *extras, state={"preset": cfg.preset}, keep=cfg.keep_checkpoints)
+                                *extras, state={"preset": cfg.preset, "processes": acc.num_processes},
+                                keep=cfg.keep_checkpoints)
         if online_ref is not None and (stopping or step + 1 == cfg.max_steps):
             _write_online_cost(online_ref, acc, out)
         if stopping and step + 1 < cfg.max_steps:
