@@ -5,6 +5,7 @@ shard is named, and two DDP processes agree with one on the first step."""
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -128,9 +129,12 @@ def _two_processes(args: list[str]) -> subprocess.CompletedProcess:
     ACCELERATE_USE_CPU makes accelerate join them as MULTI_CPU (checkpoints record how many processes ran)."""
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "ACCELERATE_USE_CPU": "true"}
+    with socket.socket() as sock:  # a free port: other test sessions on this machine may hold torchrun's 29500
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    return subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "0", "-m", "trainer", *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                           "-m", "trainer", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_two_ddp_processes_agree_with_one_on_the_first_step(base, tmp_path):
