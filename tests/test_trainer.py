@@ -321,3 +321,19 @@ def test_two_ddp_processes_hold_the_same_learned_proposal(base, tmp_path):
     assert all(row["proposal/loss"] > 0 for row in m)
     proposal = load_file(str(base / "runs" / "ddp-learned" / "checkpoints" / "step-0000003" / "proposal.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in proposal.items() if k.endswith("mlp.2.weight"))  # it trained
+
+
+def test_online_lora_reference_keeps_the_projector_and_refuses_sharded_training(base):
+    from trainer.model_loading import load_vlm
+    from trainer.reference import OnlineReference
+    from trainer.trainable import prepare_trainable
+
+    model, _ = load_vlm(base / "models" / "base")
+    lora = prepare_trainable(model, load_config(None, ["--lora", "true"]))
+    kept = OnlineReference(lora, lora=True).kept_parameters
+    assert kept and all("multi_modal_projector" in n for n in kept)  # what trains outside the adapters
+    with pytest.raises(ValueError, match="freeze_projector: true"):
+        OnlineReference(lora, lora=True, distributed_type="FSDP")
+    model, _ = load_vlm(base / "models" / "base")
+    frozen = prepare_trainable(model, load_config(None, ["--lora", "true", "--freeze_projector", "true"]))
+    assert OnlineReference(frozen, lora=True, distributed_type="FSDP").kept_parameters == []
