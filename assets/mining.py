@@ -163,7 +163,8 @@ class MiningRunConfig(dg.Config):
     k: int = 3
     """Negatives per example."""
     rule: str = "greedy"
-    """`greedy` (SAE score + diversity), `similarity` (top-K CLIP) or `random` (ablations)."""
+    """`greedy` (SAE score + diversity), `similarity` (top-K CLIP), `random_pool` (uniform from the whole gallery,
+    the papers' random baseline) or `random_neighbours` (uniform among the m candidates)."""
     lambda_div: float = 0.5
     """Diversity weight of the greedy rule."""
     tau: float = 1.0
@@ -175,7 +176,7 @@ class MiningRunConfig(dg.Config):
     code_top_n: int = 16
     """Latents kept per candidate in the shard (compact SAE code)."""
     seed: int = 0
-    """Seed of the random rule."""
+    """Seed of the random rules."""
 
 
 def _png_markdown(png: bytes) -> dg.MetadataValue:

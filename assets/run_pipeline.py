@@ -37,7 +37,7 @@ def run_stages(until: str = "shards", instance: dg.DagsterInstance | None = None
     """Materialise stage after stage; stops at the first failed run. Returns (label, result) per run.
 
     `configs`: asset name -> its config (what the UI's launchpad takes), e.g. {"preference_shards": {"rule":
-    "random"}}. `stages`: the (assets, partitioned) runs to make instead of those of `until`."""
+    "random_pool"}}. `stages`: the (assets, partitioned) runs to make instead of those of `until`."""
     instance = instance or dg.DagsterInstance.get()
     resources = resources or resources_from_env()
     configs = configs or {}

@@ -62,7 +62,6 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import copy  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -85,6 +84,7 @@ from pipeline.parquet_io import write_json_atomic  # noqa: E402
 from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.model_loading import format_prompt, load_vlm  # noqa: E402
 from trainer.proposal import LearnedProposal  # noqa: E402
+from trainer.reference import OnlineReference  # noqa: E402
 from trainer.ref_cache import RefCache  # noqa: E402
 from trainer.rows import load_image  # noqa: E402
 from trainer.shards import load_shards, read_manifest  # noqa: E402
@@ -174,11 +174,11 @@ class Runner:
                  cache: RefCache | None, num_latents: int, **extra):
         self.name, self.examples, self.cfg, self.acc, self.extra = name, examples, cfg, acc, extra
         self.loss_cfg = cfg.loss_config()
-        self.cache = cache if cfg.reference == "cached" else None
+        self.cache = cache if cfg.reference_mode() == "cached" else None
         torch.manual_seed(cfg.seed)
         model, self.processor = load_vlm(model_dir, dtype="float32", device=acc.device)
         model = prepare_trainable(model, cfg)
-        self.online_ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.reference == "online" else None
+        self.online_ref = OnlineReference(model, lora=cfg.lora) if cfg.reference_mode() == "online" else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -194,7 +194,7 @@ class Runner:
         self.model.train()
         batch = [self.examples[i] for i in batch_indices(self.n_steps, len(self.examples), cfg.batch_size, cfg.seed)]
         result, n_rows = _loss(batch, self.loss_cfg, cfg, self.model, self.processor, self.cache, self.online_ref,
-                               self.proposal, self.is_gen, acc)
+                               self.proposal, self.is_gen, acc, self.n_steps)
         acc.backward(result.loss)
         acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
@@ -242,13 +242,13 @@ def run_interleaved(runners: list[Runner], args) -> list[dict]:
 
 
 def precompute(examples: list[dict], cfg: TrainConfig, model_dir: Path, folder: Path, key: str,
-               device) -> tuple[RefCache, dict]:
+               acc: Accelerator) -> tuple[RefCache, dict]:
     """The trainer's precompute pass into a fresh cache, timed (one-off cost)."""
-    model, processor = load_vlm(model_dir, dtype="float32", device=device)
+    model, processor = load_vlm(model_dir, dtype="float32", device=acc.device)
     model = prepare_trainable(model, cfg)
     cache = RefCache(folder, key)
     t0 = time.perf_counter()
-    _precompute(cache, examples, cfg.loss_config(), cfg, model, processor, progress=False)
+    _precompute(cache, examples, cfg.loss_config(), cfg, model, processor, acc, progress=False)
     seconds = time.perf_counter() - t0
     return cache, {"examples": len(examples), "rows": len(cache), "seconds": seconds,
                    "s_per_example": seconds / len(examples), "rows_per_s": len(cache) / seconds}
@@ -508,10 +508,10 @@ def main() -> None:
         # example), and of IS over the whole pool (2 + C per example).
         print("reference precompute (one-off, the trainer's own pass):", flush=True)
         _, pre_k3 = precompute([with_negatives(base[i], 3) for i in idx], cfg_of("misp"), model_dir, tmp, "k3",
-                               acc.device)
+                               acc)
         pool_cfg = cfg_of("misp", is_mode="fixed", k_prime=kp_max)
         cache, pre_big = precompute([with_pool(base[i], big) for i in idx], pool_cfg, model_dir, tmp, "pool",
-                                    acc.device)
+                                    acc)
         for name, pre in (("misp K=3", pre_k3), (f"IS over the pool of {big}", pre_big)):
             print(f"  {name:44s} {pre['seconds']:7.2f} s for {pre['examples']} examples ({pre['rows']} rows, "
                   f"{pre['rows_per_s']:.0f} rows/s)", flush=True)

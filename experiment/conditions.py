@@ -4,6 +4,11 @@ Every trained condition starts from the same base model, sees the same examples 
 number of steps (the order is a function of the seed, shared by all conditions of a seed) and carries the same
 SFT term (`sft_weight`): the `sft` control is that run with every preference term off, so a difference between
 a preset and the control is the preference terms' doing and not more supervised training (WORLD.md, "Measured").
+
+The baselines are built as their papers build them (trainer.losses.PRESETS, docs/losses.md): `mdpo` a fresh random
+crop every step, `chip` fresh diffusion noise at t = 500 of VCD's schedule on the processor's pixel_values and
+CHiP's joint loss form (both with the online reference, which the trainer's `reference: auto` picks), and
+`random_multi` K negatives drawn uniformly from the whole gallery (shard set `random`, rule `random_pool`).
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SHARD_SETS: dict[str, tuple[str, str]] = {
-    "greedy": ("greedy", "fused"), "similarity": ("similarity", "fused"), "random": ("random", "fused"),
+    "greedy": ("greedy", "fused"), "similarity": ("similarity", "fused"), "random": ("random_pool", "fused"),
     "greedy_image": ("greedy", "image"),
 }
 """Mined shard sets -> (selection rule, SAE space): `greedy` SAE score + diversity, `similarity` top-K CLIP,
-`random`; `greedy_image` is greedy with an SAE trained in the image space instead of the fused one."""
+`random` uniform from the whole gallery (`random_pool`, the papers' random baseline); `greedy_image` is greedy with
+an SAE trained in the image space instead of the fused one."""
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,9 @@ def contact_sheet(shard: pl.DataFrame, n_examples: int = 6) -> bytes:
         for j, neg in enumerate(ex["negatives"]):
             x = 4 + (j + 1) * (TILE + 4)
             sheet.paste(_tile(neg["path"]), (x, y))
-            draw.text((x, y + TILE + 2), f"#{j + 1} s={neg['score']:.2f} q={neg['q']:.3f}", fill=(150, 0, 0),
-                      font=font)
+            # a random_pool negative outside the retrieved candidates has no score or proposal
+            scored = f"s={neg['score']:.2f} q={neg['q']:.3f}" if neg["score"] is not None else "gallery draw"
+            draw.text((x, y + TILE + 2), f"#{j + 1} {scored}", fill=(150, 0, 0), font=font)
             draw.text((x, y + TILE + 14), f"sim={neg['clip_sim']:.2f}", fill=(80, 80, 80), font=font)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")

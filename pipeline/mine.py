@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from pipeline.embed import embedding_matrix
 from pipeline.fingerprint import text_id
 from pipeline.retrieval import PoolIndex, retrieve_candidates
-from pipeline.selection import RULES, select_batch
+from pipeline.selection import NEIGHBOUR_RULES, RULES, select_batch, select_from_gallery
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class MiningConfig:
     rank_min: int = 0
     """Skip this many nearest eligible candidates (a leading rank window)."""
     rule: str = "greedy"
-    """`greedy` (SAE score + diversity, MISP), `similarity` (top-K CLIP), `random` (uniform from the candidates)."""
+    """`greedy` (SAE score + diversity, MISP), `similarity` (top-K CLIP), `random_pool` (uniform from the whole
+    gallery: the papers' random-negative baseline), `random_neighbours` (uniform among the m candidates)."""
     lambda_div: float = 0.5
     """Weight of the diversity term of the greedy rule."""
     tau: float = 1.0
@@ -51,6 +52,9 @@ class MiningConfig:
     """Seed of the random rule (mixed with the shard key so shards differ)."""
 
     def __post_init__(self) -> None:
+        if self.rule == "random":
+            raise ValueError("rule='random' was split in two: `random_pool` draws from the whole gallery (the "
+                             "papers' random baseline), `random_neighbours` among the m retrieved candidates")
         if self.rule not in RULES:
             raise ValueError(f"rule={self.rule!r} is not one of {RULES}")
         if not 1 <= self.k <= self.m:
@@ -139,6 +143,58 @@ def training_pairs(candidates: pl.DataFrame, examples: pl.DataFrame, positives: 
     return u.astype(np.float32), t.astype(np.float32), ids
 
 
+class GalleryDraws(NamedTuple):
+    """`random_pool` negatives of a batch of examples: K uniform draws from the whole gallery."""
+
+    rows: np.ndarray  # (E, K) gallery rows, -1 where the gallery ran out
+    clip_sim: np.ndarray  # (E, K) cosine to the positive
+    recon: np.ndarray  # (E, K) SAE reconstruction error of the pair (positive, draw)
+    deviation: np.ndarray  # (E, K) L1 norm of its SAE code
+    diversity: np.ndarray  # (E,) mean pairwise latent distance of the draws
+
+    def entries(self, e: int, cand_rows: list[int], cand: list[dict], pool: "PoolTable") -> list[dict]:
+        """Negative structs of example e. Draws that are also retrieved candidates carry the candidate's fields
+        (score, q, pool_pos); the others have no score or proposal (those are defined over the candidates)."""
+        at = {r: i for i, r in enumerate(cand_rows)}
+        out = []
+        for j, r in enumerate(self.rows[e].tolist()):
+            if r < 0:
+                continue
+            entry = {"image_id": pool.ids[r], "path": pool.paths[r], "clip_sim": float(self.clip_sim[e, j]),
+                     "recon_error": float(self.recon[e, j]), "deviation": float(self.deviation[e, j]),
+                     "score": None, "q": None, "pool_pos": None}
+            if r in at:
+                entry |= {k: v for k, v in cand[at[r]].items() if k in ("score", "q")} | {"pool_pos": at[r]}
+            out.append(entry)
+        return out
+
+
+def _gallery_draws(batch: pl.DataFrame, pos: np.ndarray, t: np.ndarray, pool: "PoolTable", sae,
+                   cfg: MiningConfig, rng: np.random.Generator) -> GalleryDraws:
+    """K uniform draws per example from the whole gallery, never the positive (same content hash) nor a
+    near-duplicate of it (cosine >= dup_threshold), scored by the SAE like candidates are."""
+    from pipeline.selection import mean_pairwise_latent_distance
+
+    shas = batch["image_sha256"].to_list()
+    gallery_sha = np.asarray(pool.sha256)
+
+    def excluder(e: int):
+        return lambda rows: (gallery_sha[rows] == shas[e]) | (pool.emb[rows] @ pos[e] >= cfg.dup_threshold)
+
+    rows = select_from_gallery(len(pool.ids), cfg.k, rng, [excluder(e) for e in range(batch.height)])
+    safe = np.maximum(rows, 0)
+    emb = pool.emb[safe]  # (E, K, D)
+    sims = np.einsum("ekd,ed->ek", emb, pos)
+    with torch.inference_mode():
+        out = sae.score_candidates(torch.from_numpy(pos[:, None, :] - emb), torch.from_numpy(t))
+    codes = out.codes.double().cpu().numpy()
+    valid = rows >= 0
+    return GalleryDraws(rows, np.where(valid, sims, np.nan), np.where(valid, out.recon_error.double().cpu().numpy(),
+                                                                      np.nan),
+                        np.where(valid, np.abs(codes).sum(-1), np.nan),
+                        mean_pairwise_latent_distance(codes, valid=valid))
+
+
 class ShardStats(NamedTuple):
     diversity: dict[str, float]  # mean pairwise latent distance of the selected negatives, per rule
     shortfall_examples: int  # examples with fewer than K negatives
@@ -190,12 +246,15 @@ def mine_shard(examples: pl.DataFrame, candidates: pl.DataFrame, positives: pl.D
         codes = out.codes.double().cpu().numpy()
         results = {rule: select_batch(recon, codes, counts, clip_sims=sims_ec, rule=rule, K=cfg.k,
                                       lambda_div=cfg.lambda_div, tau=cfg.tau, w_rec=cfg.w_rec, w_dev=cfg.w_dev,
-                                      rng=rng) for rule in RULES}
+                                      rng=rng) for rule in NEIGHBOUR_RULES}
         for rule, res in results.items():
             diversity[rule].extend(res.diversity[np.isfinite(res.diversity)].tolist())
             selected_rows[rule].extend(rows_ec[e, res.selected[e, :res.n_selected[e]]].tolist()
                                        for e in range(batch.height))
-        sel = results[cfg.rule]
+        gallery = _gallery_draws(batch, pos, t, pool, sae, cfg, rng)
+        diversity["random_pool"].extend(gallery.diversity[np.isfinite(gallery.diversity)].tolist())
+        selected_rows["random_pool"].extend([r for r in row if r >= 0] for row in gallery.rows.tolist())
+        sel = results[cfg.rule] if cfg.rule != "random_pool" else results["greedy"]  # scores and q: any rule
         for e in range(batch.height):
             c = int(counts[e])
             idx, val = _compact_codes(codes[e, :c], cfg.code_top_n)
@@ -204,6 +263,9 @@ def mine_shard(examples: pl.DataFrame, candidates: pl.DataFrame, positives: pl.D
                      "score": float(sel.score[e, i]), "q": float(sel.q[e, i]),
                      "code_idx": idx[i], "code_val": val[i]} for i, r in enumerate(rows_ec[e, :c].tolist())]
             pools.append(cand)
+            if cfg.rule == "random_pool":
+                negatives.append(gallery.entries(e, rows_ec[e, :c].tolist(), cand, pool))
+                continue
             negatives.append([{k: v for k, v in cand[j].items() if not k.startswith("code_")} | {"pool_pos": j}
                               for j in sel.selected[e, :sel.n_selected[e]].tolist()])
         bar.update(batch.height)

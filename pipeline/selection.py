@@ -15,7 +15,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-RULES = ("greedy", "similarity", "random")
+RULES = ("greedy", "similarity", "random_pool", "random_neighbours")
+"""Selection rules. `random_pool`: K uniform draws from the whole gallery (the random-negative baseline of the
+papers); the other three choose among an example's m retrieved candidates (`random_neighbours`: uniform among
+them, which are harder than random gallery images)."""
+NEIGHBOUR_RULES = ("greedy", "similarity", "random_neighbours")
+"""The rules `select_batch` applies to the candidate pool; `random_pool` is `select_from_gallery`."""
 
 
 class Selection(NamedTuple):
@@ -237,10 +242,12 @@ def select_batch(recon, codes, counts, *, clip_sims=None, rule: str = "greedy", 
     recon (E, C) reconstruction errors l_i and codes (E, C, k) SAE codes z_i of each example's candidates,
     padded to C; counts (E,) real candidates per example (positions >= counts[e] are ignored, whatever they
     hold). rule: `greedy` (SPEC §2.6), `similarity` (top-K clip_sims (E, C), needs clip_sims) or `random`
-    (needs rng). Scores and proposals are computed for every rule, so shards of any rule carry them.
+    (`random_neighbours`, needs rng). Scores and proposals are computed for every rule, so shards of any rule
+    carry them. (`random_pool` draws outside the pool: `select_from_gallery`.)
     """
-    if rule not in RULES:
-        raise ValueError(f"rule={rule!r}; choose one of {RULES}")
+    if rule not in NEIGHBOUR_RULES:
+        raise ValueError(f"rule={rule!r}; select_batch chooses among the candidates with one of {NEIGHBOUR_RULES} "
+                         "(random_pool: select_from_gallery)")
     K = _check_k(K)
     l_ec = np.asarray(recon, dtype=np.float64)
     z_eck = np.asarray(codes, dtype=np.float64)
@@ -281,3 +288,41 @@ def select_batch(recon, codes, counts, *, clip_sims=None, rule: str = "greedy", 
         recon=np.where(valid, np.maximum(l_ec, 0.0), np.nan), deviation=np.where(valid, v_ec, np.nan),
         score=s_ec, q=q_ec, diversity=diversity,
     )
+
+
+# ---------------------------------------------------------------- whole-gallery random (the papers' random baseline)
+
+
+def select_from_gallery(n_gallery: int, K: int, rng, excluded) -> np.ndarray:
+    """K gallery rows per example drawn uniformly without replacement from the whole gallery of `n_gallery`
+    images, skipping `excluded(e, rows) -> bool mask` (the positive itself and its near-duplicates: the caller
+    knows the content hashes and embeddings). Returns (E, K) rows in draw order, -1 where the gallery ran out.
+
+    `excluded` is a list of E callables. Rejection sampling: a batch of draws is made, excluded ones are
+    dropped, and more are drawn until K are kept, so the cost is O(K) per example, not O(n_gallery)."""
+    K = _check_k(K)
+    if n_gallery < 0:
+        raise ValueError(f"n_gallery={n_gallery} must be >= 0")
+    gen = np.random.default_rng(rng) if rng is not None else None
+    if gen is None:
+        raise ValueError("random_pool selection needs rng (a numpy Generator or an int seed) so it is reproducible")
+    out = np.full((len(excluded), K), -1, dtype=np.int64)
+    for e, is_excluded in enumerate(excluded):
+        # a uniformly random order of the gallery, read in chunks: the kept rows are a uniform K-subset
+        order = gen.permutation(n_gallery) if n_gallery <= 4 * K + 64 else None
+        kept: list[int] = []
+        seen: set[int] = set()
+        while len(kept) < K and len(seen) < n_gallery:
+            if order is not None:
+                chunk = order[len(seen):len(seen) + 2 * K]
+            else:
+                chunk = np.array([r for r in gen.integers(0, n_gallery, size=2 * K + 8).tolist() if r not in seen],
+                                 dtype=np.int64)
+                chunk = np.array(list(dict.fromkeys(chunk.tolist())), dtype=np.int64)
+            if chunk.size == 0:
+                continue
+            seen.update(chunk.tolist())
+            bad = np.asarray(is_excluded(chunk), dtype=bool)
+            kept.extend(chunk[~bad].tolist()[:K - len(kept)])
+        out[e, :len(kept)] = kept
+    return out

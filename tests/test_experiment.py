@@ -150,7 +150,7 @@ def test_quick_experiment_mines_one_shard_set_per_rule_and_space(quick):
         manifest = json.loads((sets / name / "manifest.json").read_text())
         rules[name] = {s["config"]["rule"] for s in manifest["shards"]}
         assert {s["config"]["k"] for s in manifest["shards"]} == {QUICK.candidates}
-    assert rules == {"greedy": {"greedy"}, "similarity": {"similarity"}, "random": {"random"},
+    assert rules == {"greedy": {"greedy"}, "similarity": {"similarity"}, "random": {"random_pool"},
                      "greedy_image": {"greedy"}}
     assert json.loads((sets / "greedy_image" / "stamp.json").read_text())["recipe"]["sae"]["space"] == "image"
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.losses import (
-    PRESETS, SHARD_RULES, LossConfig, LossInputs, anchor_loss, compute_loss, image_pl_loss,
+    PRESETS, SHARD_RULES, LossConfig, LossInputs, anchor_loss, chip_joint_loss, compute_loss, image_pl_loss,
     importance_sampled_pl_loss, proposal_entropy, sample_from_proposal, sft_loss, text_dpo_loss,
 )
 from trainer.proposal import LearnedProposal, candidate_features
@@ -280,14 +280,15 @@ def test_mixture_keeps_q_away_from_zero():
 
 def test_presets_are_spec_table():
     combos = {name: (c.lambda_text > 0, c.use_image, c.image_negatives, c.num_negatives, c.anchor_weight > 0,
-                     c.anchor_delta, c.shard_rule, c.is_mode) for name, c in PRESETS.items()}
+                     c.anchor_delta, c.shard_rule, c.is_mode, c.fresh_negatives, c.loss_form)
+              for name, c in PRESETS.items()}
     assert combos == {
-        "sft": (False, False, "none", 1, False, 0.0, None, "none"),
-        "dpo": (True, False, "none", 1, False, 0.0, None, "none"),
-        "mdpo": (True, True, "crop", 1, True, 0.0, None, "none"),
-        "chip": (True, True, "diffusion_noise", 1, False, 0.0, None, "none"),
-        "random_multi": (True, True, "shard", 3, False, 0.0, "random", "none"),
-        "misp": (True, True, "shard", 3, False, 0.0, "greedy", "none"),
+        "sft": (False, False, "none", 1, False, 0.0, None, "none", False, "sum"),
+        "dpo": (True, False, "none", 1, False, 0.0, None, "none", False, "sum"),
+        "mdpo": (True, True, "crop", 1, True, 0.0, None, "none", True, "sum"),
+        "chip": (True, True, "diffusion_noise", 1, False, 0.0, None, "none", True, "chip_joint"),
+        "random_multi": (True, True, "shard", 3, False, 0.0, "random_pool", "none", False, "sum"),
+        "misp": (True, True, "shard", 3, False, 0.0, "greedy", "none", False, "sum"),
     }
     assert all(c.beta == 0.5 and c.sft_weight == (name == "sft") for name, c in PRESETS.items())
     assert LossConfig() == PRESETS["misp"]
@@ -313,6 +314,10 @@ def test_shard_rules_match_pipeline():
     ("chip", {"shard_rule": "greedy"}, "shard_rule"),
     ("misp", {"shard_rule": None}, "shard_rule"),
     ("dpo", {"lambda_text": 0.0}, "every loss term is off"),
+    ("misp", {"fresh_negatives": True}, "fresh_negatives"),
+    ("misp", {"loss_form": "chip_joint"}, "chip_joint"),
+    ("chip", {"lambda_text": 0.0}, "chip_joint"),
+    ("chip", {"loss_form": "joint"}, "loss_form"),
     ("nope", {}, "unknown loss preset"),
 ])
 def test_invalid_combinations_raise(preset, overrides, match):
@@ -384,3 +389,47 @@ def test_compute_loss_gradients_flow_and_are_finite_without_rejected():
     out.loss.backward()
     assert torch.isfinite(x.logp_chosen.grad).all() and x.logp_chosen.grad.abs().sum() > 0
     assert "rewards/accuracies" not in out.metrics and out.metrics["loss/text"] == 0
+
+
+# --------------------------------------------------------------------------------------------- CHiP's joint form
+
+
+def test_chip_joint_loss_is_one_sigmoid_over_summed_margins():
+    # beta 0.5, r_c = 1, r_r = -1, r_neg = 0.5: -logsigmoid(0.5 * 2 + 0.5 * 0.5) = log(1 + e^-1.25)
+    r_c, r_r, r_n = t([1.0]), t([-1.0]), t([0.5])
+    assert chip_joint_loss(r_c, r_r, r_n, 0.5).item() == pytest.approx(math.log1p(math.exp(-1.25)), abs=1e-12)
+    # the decomposed form is two sigmoids: log(1 + e^-1) + log(1 + e^-0.25), a different number
+    decomposed = text_dpo_loss(r_c, r_r, 0.5) + image_pl_loss(r_c, r_n[:, None], beta=0.5)
+    assert decomposed.item() == pytest.approx(math.log1p(math.exp(-1.0)) + math.log1p(math.exp(-0.25)), abs=1e-12)
+    # without y_n only the image margin is left; lambda_text scales the text margin inside the sigmoid
+    assert chip_joint_loss(r_c, r_r, r_n, 0.5, has_rejected_b=torch.tensor([False])).item() == pytest.approx(
+        math.log1p(math.exp(-0.25)), abs=1e-12)
+    assert chip_joint_loss(r_c, r_r, r_n, 0.5, text_weight=2.0).item() == pytest.approx(
+        math.log1p(math.exp(-2.25)), abs=1e-12)
+
+
+def test_chip_preset_trains_the_joint_form():
+    x = _batch(k=1)
+    r_c, r_r = x.logp_chosen - x.ref_chosen, x.logp_rejected - x.ref_rejected
+    r_n = (x.logp_neg - x.ref_neg)[:, 0]
+    out = compute_loss(PRESETS["chip"], x)
+    expected = (-F.logsigmoid(0.5 * (r_c - r_r) + 0.5 * (r_c - r_n))).mean()
+    assert out.loss.item() == pytest.approx(expected.item(), abs=1e-12)
+    assert "loss/chip_joint" in out.metrics and "loss/text" not in out.metrics and "loss/img" not in out.metrics
+    summed = compute_loss(LossConfig.from_preset("chip", loss_form="sum"), x)
+    assert summed.loss.item() != pytest.approx(out.loss.item())
+    with pytest.raises(ValueError, match="one valid image negative"):
+        compute_loss(PRESETS["chip"], _batch(k=2))
+
+
+# --------------------------------------------------------------------------------------------- fixed-IS diagnostics
+
+
+def test_fixed_is_logs_ess_and_max_weight():
+    # one example, K' = 2 draws with a = beta (r_i - r_p) = (0, log 3) and q = (0.5, 0.5):
+    # weights softmax(a - log q) = (1/4, 3/4), ESS = 1 / (1/16 + 9/16) = 1.6, max weight 3/4
+    x = LossInputs(logp_chosen=t([0.0]), ref_chosen=t([0.0]), logp_samp=t([[0.0, math.log(3.0)]]),
+                   ref_samp=t([[0.0, 0.0]]), q_samp=t([[0.5, 0.5]]))
+    out = compute_loss(LossConfig.from_preset("misp", is_mode="fixed", k_prime=2, lambda_text=0.0, beta=1.0), x)
+    assert out.metrics["is/max_weight"] == pytest.approx(0.75, abs=1e-12)
+    assert out.metrics["is/ess"] == pytest.approx(1.6 / 2, abs=1e-12)

@@ -13,6 +13,7 @@ from pipeline.selection import (
     proposal,
     select_batch,
     select_by_similarity,
+    select_from_gallery,
     select_random,
     semantic_deviation,
 )
@@ -215,8 +216,8 @@ def test_select_batch_matches_per_example():
     sims = rng.random((E, C))
     by_sim = select_batch(recon, codes, counts, clip_sims=sims, rule="similarity", K=K)
     assert by_sim.selected[0].tolist() == np.argsort(-sims[0])[:K].tolist()
-    r1 = select_batch(recon, codes, counts, rule="random", K=K, rng=3)
-    r2 = select_batch(recon, codes, counts, rule="random", K=K, rng=3)
+    r1 = select_batch(recon, codes, counts, rule="random_neighbours", K=K, rng=3)
+    r2 = select_batch(recon, codes, counts, rule="random_neighbours", K=K, rng=3)
     assert (r1.selected == r2.selected).all()
     for e in range(E):
         picks = r1.selected[e][r1.selected[e] >= 0]
@@ -252,3 +253,40 @@ def test_select_batch_rejects_bad_inputs():
     bad[0, 1] = np.inf
     with pytest.raises(ValueError, match="recon"):
         select_batch(bad, codes, counts)
+
+
+def test_random_pool_draws_from_the_whole_gallery_not_the_neighbours():
+    """`random_pool` (the papers' random baseline) draws uniformly from the gallery, so almost all of its
+    negatives lie outside an example's m nearest neighbours, where `random_neighbours` (the old `random`) always
+    stays; the positive and its near-duplicates are never drawn."""
+    rng = np.random.default_rng(0)
+    n, m, K, E = 400, 16, 3, 200
+    emb = rng.standard_normal((n, 8))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    positive = 0
+    order = np.argsort(-(emb @ emb[positive]))  # positive first, then its neighbours
+    neighbours = set(order[1:m + 1].tolist())
+    near_dup = int(order[1])  # pretend the nearest one is a near-duplicate: it must never be drawn
+    excluded = [lambda rows: (rows == positive) | (rows == near_dup)] * E
+    drawn = select_from_gallery(n, K, 7, excluded)
+    assert drawn.shape == (E, K) and (drawn >= 0).all()
+    assert all(len(set(row)) == K for row in drawn.tolist())  # without replacement within an example
+    flat = drawn.ravel().tolist()
+    assert positive not in flat and near_dup not in flat
+    outside = np.mean([r not in neighbours for r in flat])
+    assert outside > 0.9  # expected 1 - (m - 1) / (n - 2) = 0.96
+    # uniform over the gallery: the mean similarity rank of a draw is about the middle (n / 2 = 200)
+    rank = np.empty(n, dtype=int)
+    rank[order] = np.arange(n)
+    assert abs(rank[drawn].mean() - n / 2) < 20
+    # reproducible from the seed; the neighbour rule, given the same m candidates, never leaves them
+    assert (select_from_gallery(n, K, 7, excluded) == drawn).all()
+    cand_rows = order[1:m + 1]
+    codes = rng.random((E, m, 4))
+    near = select_batch(rng.random((E, m)), codes, np.full(E, m), rule="random_neighbours", K=K, rng=7)
+    assert all(int(cand_rows[j]) in neighbours for j in near.selected.ravel().tolist())
+    # a tiny gallery runs out: -1 padding
+    small = select_from_gallery(3, K, 0, [lambda rows: rows == 0])
+    assert sorted(small[0].tolist()) == [-1, 1, 2]
+    with pytest.raises(ValueError, match="rng"):
+        select_from_gallery(n, K, None, excluded)

@@ -3,7 +3,9 @@ resumed run ends with the same weights, the reference cache round-trips and foll
 shard is named, and two DDP processes agree with one on the first step."""
 
 import json
+import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +123,20 @@ def test_bad_options_fail_clearly():
         load_config(None, ["--preset", "mdpo", "--loss.is_mode", "learned"])
 
 
+def _two_processes(args: list[str]) -> subprocess.CompletedProcess:
+    """`python -m trainer` in 2 CPU processes (DDP over gloo). `accelerate launch --cpu --num_processes 2` starts
+    ONE process on a machine without MPI (its simple launcher), so torchrun starts the two and
+    ACCELERATE_USE_CPU makes accelerate join them as MULTI_CPU (checkpoints record how many processes ran)."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "true"}
+    with socket.socket() as sock:  # a free port: other test sessions on this machine may hold torchrun's 29500
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    return subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                           "-m", "trainer", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_two_ddp_processes_agree_with_one_on_the_first_step(base, tmp_path):
     """`accelerate launch` with 2 CPU processes: each takes half of the batch; the gathered loss of step 1
     equals the single-process loss of the same batch."""
@@ -130,12 +146,194 @@ def test_two_ddp_processes_agree_with_one_on_the_first_step(base, tmp_path):
     single = subprocess.run([sys.executable, "-m", "trainer", *common, "--run_name", "one"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    accelerate = str(Path(sys.executable).parent / "accelerate")
-    ddp = subprocess.run([accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", *common,
-                          "--run_name", "two"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    ddp = _two_processes([*common, "--run_name", "two"])
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    state = json.loads((base / "runs" / "two" / "checkpoints" / "step-0000001" / "state.json").read_text())
+    assert state["processes"] == 2
     one = json.loads((base / "runs" / "one" / "metrics.jsonl").read_text().splitlines()[0])
     two = json.loads((base / "runs" / "two" / "metrics.jsonl").read_text().splitlines()[0])
     assert one["loss"] == pytest.approx(two["loss"], abs=1e-5)
     assert one["rewards/margins"] == pytest.approx(two["rewards/margins"], abs=1e-5)
+
+
+# ------------------------------------------------------------------------- issue 11: reference, precision, baselines
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change; a run in another precision
+    starts from a clean one (as a new process would), and leaves a clean one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def _metrics(root, name):
+    return [json.loads(line) for line in (root / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+
+
+REFERENCE_MODES = [  # (reference, lora, precision)
+    ("cached", False, "no"), ("online", False, "no"), ("online", True, "no"), ("cached", True, "no"),
+    ("cached", False, "bf16"), ("online", False, "bf16"), ("online", True, "bf16"),
+]
+
+
+@pytest.mark.parametrize("reference,lora,precision", REFERENCE_MODES)
+def test_reference_never_moves_and_rewards_start_at_exactly_zero(base, reference, lora, precision,
+                                                                  fresh_accelerate_state):
+    """3 steps at lr 1e-2 (the projector trains outside the adapters with LoRA): the reference log-probs of a
+    fixed probe batch stay the same to the bit while the policy's move by nats; at step 0 every reward is 0
+    (to 1e-6) under fp32 and bf16 autocast, cached and online alike."""
+    name = f"ref-{reference}-{'lora' if lora else 'full'}-{precision}"
+    train(_cfg(base, name, "--max_steps", "3", "--lr", "1e-2", "--reference", reference, "--lora", str(lora).lower(),
+               "--precision", precision, "--reference_check_every", "1", "--resume", "false"), progress=False)
+    m = _metrics(base, name)
+    for key in ("rewards/chosen", "rewards/margins", "rewards/img_margin"):
+        assert abs(m[0][key]) <= 1e-6, (key, m[0][key])
+    assert m[0]["loss/text"] == pytest.approx(math.log(2), abs=1e-6)
+    assert [row["ref/probe_drift"] for row in m] == [0.0, 0.0, 0.0]
+    assert m[-1]["ref/probe_policy_change"] > 0.5  # the steps did move the policy
+
+
+def test_lora_reference_without_kept_starting_weights_would_move(base, monkeypatch):
+    """The control of the test above: with nothing kept aside (the old behaviour: adapters disabled, projector
+    as trained) the same probe catches the reference moving."""
+    import trainer.reference
+
+    monkeypatch.setattr(trainer.reference, "is_adapter_parameter", lambda name: True)
+    train(_cfg(base, "ref-old", "--max_steps", "3", "--lr", "1e-2", "--reference", "online", "--lora", "true",
+               "--reference_check_every", "1", "--resume", "false"), progress=False)
+    assert _metrics(base, "ref-old")[-1]["ref/probe_drift"] > 0.1
+
+
+def test_cache_key_follows_precision_and_every_weight_file(base, tmp_path):
+    from safetensors.torch import save_file
+
+    from trainer.ref_cache import cache_key
+
+    key = dict(max_length=512, seed=0, precision="no", dtype="float32", layout={"rows": "steps", "batch_size": 4})
+    k0 = cache_key("fp", ["sha"], **key)
+    assert cache_key("fp", ["sha"], **{**key, "precision": "bf16"}) != k0
+    assert cache_key("fp", ["sha"], **{**key, "dtype": "bfloat16"}) != k0
+    assert cache_key("fp", ["sha"], **{**key, "layout": {"rows": "steps", "batch_size": 8}}) != k0
+    assert cache_key("fp", ["sha"], **key) == k0
+    # a folder with PyTorch .bin weights (and a sharded index): changing either changes the fingerprint
+    folder = tmp_path / "bin-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    torch.save({"w": torch.zeros(3)}, folder / "pytorch_model-00001-of-00002.bin")
+    (folder / "pytorch_model.bin.index.json").write_text('{"weight_map": {"w": "pytorch_model-00001-of-00002.bin"}}')
+    before = model_fingerprint(folder)
+    torch.save({"w": torch.ones(3)}, folder / "pytorch_model-00001-of-00002.bin")
+    after = model_fingerprint(folder)
+    assert after != before
+    (folder / "pytorch_model.bin.index.json").write_text('{"weight_map": {}}')
+    assert model_fingerprint(folder) != after
+    save_file({"w": torch.zeros(1)}, str(folder / "extra.safetensors"))
+    assert model_fingerprint(folder) not in (before, after)
+
+
+def test_chip_schedule_coefficients_against_hand_values():
+    from trainer.image_negatives import noise_coefficients
+
+    # t = 0 by hand: beta_0 = 1e-5 + (5e-3 - 1e-5) / (1 + e^6), alpha_bar_0 = 1 - beta_0
+    beta0 = 1e-5 + (5e-3 - 1e-5) / (1 + math.exp(6))
+    assert noise_coefficients(0) == pytest.approx((math.sqrt(1 - beta0), math.sqrt(beta0)), abs=1e-12)
+    # t = 500 and 999: the product of (1 - beta_s), s <= t, written out in float64 with math (independent of numpy)
+    for t_, steps in ((500, 1000), (999, 1000)):
+        abar = 1.0
+        for s_ in range(t_ + 1):
+            u = -6 + 12 * s_ / (steps - 1)
+            abar *= 1 - (1e-5 + (5e-3 - 1e-5) / (1 + math.exp(-u)))
+        assert noise_coefficients(t_) == pytest.approx((math.sqrt(abar), math.sqrt(1 - abar)), abs=1e-12)
+    # the values the issue quotes for CHiP / VCD at t = 500 (the old linear DDPM schedule gave 0.28 / 0.96)
+    assert noise_coefficients(500) == pytest.approx((0.8630, 0.5052), abs=1e-4)
+    assert noise_coefficients(999) == pytest.approx((0.2850, 0.9585), abs=1e-4)
+    with pytest.raises(ValueError, match="noise step"):
+        noise_coefficients(1000)
+
+
+def test_chip_noise_is_added_to_the_processors_pixel_values(base):
+    from trainer.image_negatives import noise_coefficients
+    from trainer.losses import PRESETS
+    from trainer.model_loading import load_vlm
+    from trainer.rows import build_rows, encode_rows
+
+    _, processor = load_vlm(base / "models" / "base")
+    examples = load_shards(base / "shards").to_dicts()[:2]
+    rows = build_rows(examples, PRESETS["chip"], seed=0, step=0)
+    enc = encode_rows(processor, rows, max_length=512)
+    pv = enc.extras["pixel_values"].double()
+    clean, noised = pv[rows.chosen[0]], pv[rows.neg[0, 0]]
+    signal, noise = noise_coefficients(500)
+    eps = (noised - signal * clean) / noise  # what was added must be standard normal noise
+    assert abs(eps.mean().item()) < 0.05 and eps.std().item() == pytest.approx(1.0, abs=0.05)
+    assert noised.max() > clean.max() + 1  # not clipped to the image range: noise on the normalised tensor
+    # fresh per step (CHiP draws new noise every forward), fixed per (seed, example, step)
+    again = encode_rows(processor, build_rows(examples, PRESETS["chip"], seed=0, step=0), max_length=512)
+    later = encode_rows(processor, build_rows(examples, PRESETS["chip"], seed=0, step=1), max_length=512)
+    assert torch.equal(again.extras["pixel_values"], enc.extras["pixel_values"])
+    assert not torch.equal(later.extras["pixel_values"][rows.neg[0, 0]], enc.extras["pixel_values"][rows.neg[0, 0]])
+    assert rows.keys[rows.neg[0, 0]] != build_rows(examples, PRESETS["chip"], seed=0, step=1).keys[rows.neg[0, 0]]
+
+
+def test_mdpo_crop_is_fresh_every_step_and_needs_the_online_reference(base):
+    from trainer.losses import LossConfig, PRESETS
+    from trainer.rows import build_rows
+
+    ex = load_shards(base / "shards").to_dicts()[:1]
+    crops = [build_rows(ex, PRESETS["mdpo"], seed=0, step=s) for s in (0, 1)]
+    a, b = (r.images[r.neg[0, 0]] for r in crops)
+    assert a.tobytes() != b.tobytes() and crops[0].keys[crops[0].neg[0, 0]] != crops[1].keys[crops[1].neg[0, 0]]
+    fixed = LossConfig.from_preset("mdpo", fresh_negatives=False)
+    r0, r5 = build_rows(ex, fixed, 0, step=0), build_rows(ex, fixed, 0, step=5)
+    assert r0.images[r0.neg[0, 0]].tobytes() == r5.images[r5.neg[0, 0]].tobytes()
+    with pytest.raises(ValueError, match="reference: online"):
+        load_config(None, ["--preset", "mdpo", "--reference", "cached"])
+    assert load_config(None, ["--preset", "mdpo"]).reference_mode() == "online"
+    assert load_config(None, ["--preset", "mdpo", "--loss.fresh_negatives", "false"]).reference_mode() == "cached"
+
+
+@pytest.mark.parametrize("preset", ["mdpo", "chip"])
+def test_fresh_negative_presets_train_with_the_online_reference(base, preset):
+    name = f"fresh-{preset}"
+    train(_cfg(base, name, "--preset", preset, "--max_steps", "2", "--resume", "false"), progress=False)
+    m = _metrics(base, name)
+    assert abs(m[0]["rewards/chosen"]) <= 1e-6 and abs(m[0]["rewards/img_margin"]) <= 1e-6
+    key = "loss/chip_joint" if preset == "chip" else "loss/img"
+    assert m[0][key] == pytest.approx(math.log(2), abs=1e-6)  # one negative, policy = reference
+    ref = json.loads((base / "runs" / name / "reference.json").read_text())
+    assert ref["mode"] == "online" and ref["rows_computed"] == m[-1]["forward_rows"]
+
+
+def test_two_ddp_processes_hold_the_same_learned_proposal(base, tmp_path):
+    """`accelerate launch` with 2 CPU processes, learned IS: each process draws for its own examples, and the
+    all-reduced q_phi gradient keeps both copies bit-identical after every step."""
+    ddp = _two_processes(["--data_root", str(base), "--max_steps", "3", "--batch_size", "4", "--warmup_steps", "1",
+                          "--save_every", "3", "--loss.is_mode", "learned", "--loss.k_prime", "2",
+                          "--loss.proposal_lr", "1e-1", "--run_name", "ddp-learned"])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    state = json.loads((base / "runs" / "ddp-learned" / "checkpoints" / "step-0000003" / "state.json").read_text())
+    assert state["processes"] == 2
+    m = _metrics(base, "ddp-learned")
+    assert [row["proposal/process_disagreement"] for row in m] == [0.0, 0.0, 0.0]
+    assert all(row["proposal/loss"] > 0 for row in m)
+    proposal = load_file(str(base / "runs" / "ddp-learned" / "checkpoints" / "step-0000003" / "proposal.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in proposal.items() if k.endswith("mlp.2.weight"))  # it trained
+
+
+def test_online_lora_reference_keeps_the_projector_and_refuses_sharded_training(base):
+    from trainer.model_loading import load_vlm
+    from trainer.reference import OnlineReference
+    from trainer.trainable import prepare_trainable
+
+    model, _ = load_vlm(base / "models" / "base")
+    lora = prepare_trainable(model, load_config(None, ["--lora", "true"]))
+    kept = OnlineReference(lora, lora=True).kept_parameters
+    assert kept and all("multi_modal_projector" in n for n in kept)  # what trains outside the adapters
+    with pytest.raises(ValueError, match="freeze_projector: true"):
+        OnlineReference(lora, lora=True, distributed_type="FSDP")
+    model, _ = load_vlm(base / "models" / "base")
+    frozen = prepare_trainable(model, load_config(None, ["--lora", "true", "--freeze_projector", "true"]))
+    assert OnlineReference(frozen, lora=True, distributed_type="FSDP").kept_parameters == []

@@ -13,7 +13,7 @@ import yaml
 
 from trainer.losses import PRESETS, LossConfig
 
-REFERENCE_MODES = ("cached", "online")
+REFERENCE_MODES = ("auto", "cached", "online")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
@@ -72,8 +72,15 @@ class TrainConfig:
     """Trade compute for memory (recommended for 7B models on GPU)."""
     precision: str = "auto"
     """`auto` (bf16 on CUDA, fp32 on CPU), `no`, `bf16`, `fp16`."""
-    reference: str = "cached"
-    """`cached`: reference log-probs precomputed once into a Parquet cache; `online`: computed every step."""
+    reference: str = "auto"
+    """`cached`: reference log-probs precomputed once into a Parquet cache; `online`: computed every step from the
+    starting weights (a frozen copy; with LoRA the adapters disabled and frozen copies of any other trained
+    module); `auto`: online when the loss remakes its negatives every step (`loss.fresh_negatives`, the mdpo and
+    chip presets), else cached."""
+    reference_check_every: int = 0
+    """Every N steps, recompute the reference log-probs of a fixed probe batch (the first example) and log how far
+    they moved since step 0 (`ref/probe_drift`, nats; must stay 0) and how far the policy moved
+    (`ref/probe_policy_change`). 0: off."""
     save_every: int = 100
     """Checkpoint every N steps (and at the end)."""
     keep_checkpoints: int = 2
@@ -102,6 +109,12 @@ class TrainConfig:
         self.loss_config()  # validates the overrides
         if self.reference not in REFERENCE_MODES:
             raise ValueError(f"reference={self.reference!r}: use one of {REFERENCE_MODES}")
+        if self.reference == "cached" and self.loss_config().fresh_negatives:
+            raise ValueError(f"reference=cached with loss.fresh_negatives=True (preset {self.preset!r}): a new crop or "
+                             "noise every step has no precomputed reference log-prob; set reference: online (or "
+                             "auto), or loss.fresh_negatives: false for one fixed negative per example")
+        if self.reference_check_every < 0:
+            raise ValueError(f"reference_check_every={self.reference_check_every} must be >= 0 (0 = off)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}: use one of {PRECISIONS}")
         for name in ("max_steps", "batch_size", "grad_accum", "max_length", "save_every", "log_every"):
@@ -109,6 +122,12 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}")
+
+    def reference_mode(self) -> str:
+        """`cached` or `online`: what `auto` resolves to for this loss."""
+        if self.reference != "auto":
+            return self.reference
+        return "online" if self.loss_config().fresh_negatives else "cached"
 
     def loss_config(self) -> LossConfig:
         try:

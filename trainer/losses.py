@@ -19,7 +19,8 @@ from torch import Tensor
 
 IMAGE_NEGATIVES = ("none", "crop", "diffusion_noise", "shard")
 IS_MODES = ("none", "fixed", "learned")
-SHARD_RULES = ("greedy", "similarity", "random")
+LOSS_FORMS = ("sum", "chip_joint")
+SHARD_RULES = ("greedy", "similarity", "random_pool", "random_neighbours")
 """The mining rules of pipeline.selection.RULES (a test keeps the two in step; no import, this module stays pure)."""
 
 Reduction = Literal["mean", "none"]
@@ -93,6 +94,8 @@ class ISLoss(NamedTuple):
     """(B, K') normalised IS weights softmax_k(a_k - log q_k), detached; 0 at masked draws."""
     ess_b: Tensor
     """(B,) effective sample size (sum w)^2 / sum w^2, in [1, K']; 0 where an example has no sample."""
+    max_weight_b: Tensor
+    """(B,) the largest normalised weight max_k w_k, in [1/K', 1] (1: one draw carries the estimate)."""
     valid_b: Tensor
     """(B,) bool: the example has at least one draw."""
 
@@ -120,7 +123,8 @@ def importance_sampled_pl_loss(r_p_b: Tensor, r_samp_bk: Tensor, q_samp_bk: Tens
     with torch.no_grad():
         w_bk = _zero_where_invalid(torch.exp(logw_bk - lse_b[:, None]), mask_bk)
         ess_b = torch.where(has_b, 1.0 / (w_bk ** 2).sum(-1).clamp_min(1e-30), torch.zeros_like(lse_b))
-    return ISLoss(_reduce(loss_b, has_b, reduction), log_z_hat_b, w_bk, ess_b, has_b)
+        max_w_b = w_bk.max(-1).values if w_bk.shape[-1] else torch.zeros_like(lse_b)
+    return ISLoss(_reduce(loss_b, has_b, reduction), log_z_hat_b, w_bk, ess_b, max_w_b, has_b)
 
 
 def text_dpo_loss(r_chosen_b: Tensor, r_rejected_b: Tensor, beta: float = 0.5, has_rejected_b: Tensor | None = None,
@@ -131,6 +135,21 @@ def text_dpo_loss(r_chosen_b: Tensor, r_rejected_b: Tensor, beta: float = 0.5, h
     mask_b = _mask_like(has_rejected_b, r_rejected_b)
     loss_b = -F.logsigmoid(beta * (r_chosen_b - _zero_where_invalid(r_rejected_b, mask_b)))
     return _reduce(_zero_where_invalid(loss_b, mask_b), mask_b, reduction)
+
+
+def chip_joint_loss(r_chosen_b: Tensor, r_rejected_b: Tensor, r_neg_b: Tensor, beta: float = 0.5,
+                    has_rejected_b: Tensor | None = None, text_weight: float = 1.0,
+                    reduction: Reduction = "mean") -> Tensor:
+    """CHiP's own form: ONE sigmoid over the summed response-level and image-level margins,
+    `-logsigmoid(text_weight beta (r_c - r_r) + beta (r_c - r_neg))`, r_neg the reward of y_p with the noised
+    image. An example without y_n keeps the image margin alone. (The `sum` form adds two separate sigmoids,
+    `text_dpo_loss + image_pl_loss`, whose gradients saturate independently.)"""
+    r_chosen_b, r_rejected_b, r_neg_b = _promote(r_chosen_b), _promote(r_rejected_b), _promote(r_neg_b)
+    mask_b = _mask_like(has_rejected_b, r_rejected_b)
+    text_b = _zero_where_invalid(text_weight * beta * (r_chosen_b - _zero_where_invalid(r_rejected_b, mask_b)),
+                                 mask_b)
+    loss_b = -F.logsigmoid(text_b + beta * (r_chosen_b - r_neg_b))
+    return _reduce(loss_b, torch.ones_like(loss_b, dtype=torch.bool), reduction)
 
 
 def anchor_loss(r_chosen_b: Tensor, beta: float = 0.5, delta: float = 0.0, reduction: Reduction = "mean") -> Tensor:
@@ -218,7 +237,15 @@ class LossConfig:
     preference shards (`shard`, the only source with candidate pools)."""
     num_negatives: int = 3
     """K: negatives per example (the paper's K = 3; the pairwise presets use 1)."""
-    shard_rule: Literal["greedy", "similarity", "random"] | None = "greedy"
+    fresh_negatives: bool = False
+    """`crop` / `diffusion_noise`: a new crop or noise draw every step, as mDPO and CHiP do (their reference
+    log-probs then change every step: the run needs `reference: online`). False: one fixed negative per example,
+    which a cached reference can hold."""
+    loss_form: Literal["sum", "chip_joint"] = "sum"
+    """`sum`: L_img + lambda_text L_text, two sigmoids (our decomposed form). `chip_joint`: CHiP's own form, one
+    sigmoid over lambda_text beta (r_c - r_r) + beta (r_c - r_neg) (`chip_joint_loss`); needs one image
+    negative and no IS."""
+    shard_rule: Literal["greedy", "similarity", "random_pool", "random_neighbours"] | None = "greedy"
     """The mining rule the shards must have been written with (checked by the loop against the shard config);
     None unless image_negatives = 'shard'."""
     is_mode: Literal["none", "fixed", "learned"] = "none"
@@ -266,6 +293,16 @@ class LossConfig:
                              f"mining rule ({SHARD_RULES}) exactly when negatives come from shards, else None")
         if self.shard_rule is not None and self.shard_rule not in SHARD_RULES:
             raise ValueError(f"shard_rule={self.shard_rule!r}: use one of {SHARD_RULES}")
+        if self.fresh_negatives and self.image_negatives not in ("crop", "diffusion_noise"):
+            raise ValueError(f"fresh_negatives=True remakes a crop or noise every step, but image_negatives="
+                             f"{self.image_negatives!r} has nothing to remake: set fresh_negatives=False")
+        if self.loss_form not in LOSS_FORMS:
+            raise ValueError(f"loss_form={self.loss_form!r}: use one of {LOSS_FORMS}")
+        if self.loss_form == "chip_joint" and not (self.use_image and self.num_negatives == 1 and
+                                                   self.is_mode == "none" and self.lambda_text > 0):
+            raise ValueError("loss_form='chip_joint' (CHiP's one sigmoid over the text and image margins) needs "
+                             "use_image=True, num_negatives=1, is_mode='none' and lambda_text > 0; use "
+                             "loss_form='sum' otherwise")
         if self.is_mode == "learned":
             if not 0 < self.proposal_eps <= 1:
                 raise ValueError(f"proposal_eps={self.proposal_eps!r} must be in (0, 1]: at 0 nothing bounds q "
@@ -293,11 +330,15 @@ PRESETS: dict[str, LossConfig] = {
     # The control of every comparison (docs/experiment.md): the chosen response's NLL alone, no preference term.
     "sft": LossConfig(lambda_text=0.0, use_image=False, image_negatives="none", shard_rule=None, num_negatives=1,
                       sft_weight=1.0),
-    # SPEC §4. mdpo / chip: one negative made from the positive, so the PL term is the pairwise one.
+    # SPEC §4. mdpo / chip: one negative made from the positive, so the PL term is the pairwise one. Both remake it
+    # every step as their papers' code does (a new crop; new noise at t = 500 of VCD's schedule), so they need the
+    # online reference; chip uses CHiP's joint loss form. random_multi: K uniform draws from the whole gallery.
     "dpo": LossConfig(use_image=False, image_negatives="none", shard_rule=None, num_negatives=1),
-    "mdpo": LossConfig(image_negatives="crop", shard_rule=None, num_negatives=1, anchor_weight=1.0, anchor_delta=0.0),
-    "chip": LossConfig(image_negatives="diffusion_noise", shard_rule=None, num_negatives=1),
-    "random_multi": LossConfig(image_negatives="shard", shard_rule="random", num_negatives=3),
+    "mdpo": LossConfig(image_negatives="crop", shard_rule=None, num_negatives=1, anchor_weight=1.0, anchor_delta=0.0,
+                       fresh_negatives=True),
+    "chip": LossConfig(image_negatives="diffusion_noise", shard_rule=None, num_negatives=1, fresh_negatives=True,
+                       loss_form="chip_joint"),
+    "random_multi": LossConfig(image_negatives="shard", shard_rule="random_pool", num_negatives=3),
     "misp": LossConfig(image_negatives="shard", shard_rule="greedy", num_negatives=3),
 }
 
@@ -374,7 +415,7 @@ def compute_loss(cfg: LossConfig, inputs: LossInputs) -> LossOutput:
         has_b = _mask_like(inputs.has_rejected, inputs.logp_rejected)
         logp_r = _zero_where_invalid(_promote(inputs.logp_rejected), has_b)
         r_r = _zero_where_invalid(logp_r - _promote(inputs.ref_rejected), has_b)
-        if cfg.lambda_text > 0:
+        if cfg.lambda_text > 0 and cfg.loss_form == "sum":
             l_text = text_dpo_loss(r_c, r_r, beta, has_b)
             total = total + cfg.lambda_text * l_text
             logs["loss/text"] = l_text
@@ -384,6 +425,8 @@ def compute_loss(cfg: LossConfig, inputs: LossInputs) -> LossOutput:
             logs["rewards/accuracies"] = masked_mean((r_c > r_r).to(r_c.dtype), has_b)
             logs["logps/rejected"] = masked_mean(logp_r, has_b)
 
+    r_r_b, has_r_b = (r_r, has_b) if inputs.logp_rejected is not None and inputs.ref_rejected is not None \
+        else (None, None)
     is_weights = None
     # The image metrics describe the negatives the image term saw: the K selected ones, or the K' draws with IS.
     # Without an image term they are still logged when the batch carries negatives (to watch what DPO alone does).
@@ -396,13 +439,21 @@ def compute_loss(cfg: LossConfig, inputs: LossInputs) -> LossOutput:
         total = total + out.loss
         logs["loss/img"] = out.loss
         logs["is/ess"] = masked_mean(out.ess_b / img_mask.sum(-1).clamp(min=1), out.valid_b)
+        logs["is/max_weight"] = masked_mean(out.max_weight_b, out.valid_b)
         is_weights = out.weights_bk
     elif cfg.use_image:
         _require(inputs, ("logp_neg", "ref_neg"), f"the image term (image_negatives={cfg.image_negatives!r})")
     if not cfg.uses_pool and inputs.logp_neg is not None and inputs.ref_neg is not None:
         img_logp, img_ref = _promote(inputs.logp_neg), _promote(inputs.ref_neg)
         img_mask = _mask_like(inputs.neg_mask, img_logp)
-        if cfg.use_image:
+        if cfg.use_image and cfg.loss_form == "chip_joint":
+            if img_logp.shape[1] != 1 or not img_mask.all():
+                raise ValueError(f"loss_form='chip_joint' needs exactly one valid image negative per example; got "
+                                 f"shape {tuple(img_logp.shape)} with {int((~img_mask).sum())} masked")
+            l_joint = chip_joint_loss(r_c, r_r_b, (img_logp - img_ref)[:, 0], beta, has_r_b, cfg.lambda_text)
+            total = total + l_joint
+            logs["loss/chip_joint"] = l_joint
+        elif cfg.use_image:
             l_img = image_pl_loss(r_c, img_logp - img_ref, img_mask, beta)
             total = total + l_img
             logs["loss/img"] = l_img

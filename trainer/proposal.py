@@ -18,6 +18,7 @@ enormous weight (and one draw would carry the whole estimate). With the mixture,
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -117,13 +118,28 @@ class LearnedProposal:
         return masked_mean(ce_b, mask_bk.any(-1))
 
     def update(self, feats_bcf: Tensor, q_fixed_bc: Tensor, pool_mask_bc: Tensor, idx_bk: Tensor, weights_bk: Tensor,
-               samp_mask_bk: Tensor | None = None) -> dict[str, float]:
-        """One optimiser step of phi on `loss`; returns `{"proposal/loss": ...}` for the metrics."""
+               samp_mask_bk: Tensor | None = None, average: Callable[[Tensor], Tensor] | None = None
+               ) -> dict[str, float]:
+        """One optimiser step of phi on `loss`; returns `{"proposal/loss": ...}` for the metrics.
+
+        `average`: with several processes, a function returning the mean over processes of a flat tensor (an
+        all-reduce). Every process's gradient is replaced by the mean before the step, so copies that start equal
+        (same seed) take the same Adam step and stay bit-identical, like DDP does for the policy."""
         self.opt.zero_grad(set_to_none=True)
         loss = self.loss(feats_bcf, q_fixed_bc, pool_mask_bc, idx_bk, weights_bk, samp_mask_bk)
         loss.backward()
+        if average is not None:
+            params = list(self.net.parameters())
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+            flat = average(flat).to(flat)
+            for p, g in zip(params, torch.split(flat, [p.numel() for p in params])):
+                p.grad = g.view_as(p).clone()
         self.opt.step()
         return {"proposal/loss": float(loss.detach())}
+
+    def flat_parameters(self) -> Tensor:
+        """All of phi as one float64 vector (to compare copies across processes)."""
+        return torch.cat([p.detach().reshape(-1).double() for p in self.net.parameters()])
 
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "eps": self.eps,

@@ -10,7 +10,6 @@ tensorboard/, checkpoints/ (exact resume), final/ (save_pretrained)."""
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import math
@@ -27,11 +26,12 @@ from pipeline.paths import data_root
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.losses import LossInputs, compute_loss, sample_from_proposal
-from trainer.model_loading import encode_batch, load_vlm, response_logps_from_model
+from trainer.model_loading import load_vlm, response_logps_from_model
 from trainer.pool_features import pool_tensors
 from trainer.proposal import LearnedProposal
-from trainer.ref_cache import RefCache, fill, model_fingerprint
-from trainer.rows import build_rows, gather
+from trainer.ref_cache import RefCache, cache_key, fill, fill_batch, model_fingerprint
+from trainer.reference import OnlineReference
+from trainer.rows import build_rows, encode_rows, gather
 from trainer.shards import load_shards, read_manifest
 from trainer.trainable import prepare_trainable, save_final
 
@@ -114,25 +114,27 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     ref_fp = model_fingerprint(paths["model"])
     model = prepare_trainable(model, cfg)
     online_ref = None
-    if cfg.reference == "online" and not cfg.lora:
-        online_ref = copy.deepcopy(model).eval().requires_grad_(False)
+    reference_mode = cfg.reference_mode()
+    if reference_mode == "online":
+        online_ref = OnlineReference(model, lora=cfg.lora, distributed_type=str(acc.distributed_type.value))
 
-    schedule = sorted({i for s in range(cfg.max_steps) for i in batch_indices(s, len(examples), cfg.batch_size,
-                                                                               cfg.seed)})
     cache = None
-    if cfg.reference == "cached":
-        cache_key = _cache_key(ref_fp, manifest, cfg)
-        cache = RefCache(paths["root"] / "ref_cache", cache_key)
+    if reference_mode == "cached":
+        layout = _batch_layout(cfg, loss_cfg, acc.num_processes)
+        key = cache_key(ref_fp, [s["sha256"] for s in manifest["shards"]], max_length=cfg.max_length,
+                        seed=cfg.seed, precision=precision, dtype=dtype, layout=layout)
+        cache = RefCache(paths["root"] / "ref_cache", key)
         if acc.is_main_process:
             t_ref = time.perf_counter()
-            needed, computed = _precompute(cache, [examples[i] for i in schedule], loss_cfg, cfg, model, processor,
-                                           progress)
+            needed, computed = _precompute(cache, examples, loss_cfg, cfg, model, processor, acc, progress)
             # What the reference cost this run (rows computed now may be fewer: the cache is shared by runs).
             out_ref = {"rows_needed": needed, "rows_computed": computed, "seconds": time.perf_counter() - t_ref}
             paths["out"].mkdir(parents=True, exist_ok=True)
             write_json_atomic(out_ref, paths["out"] / "reference.json")
         acc.wait_for_everyone()
-        cache = RefCache(paths["root"] / "ref_cache", cache_key)
+        cache = RefCache(paths["root"] / "ref_cache", key)
+    probe = _Probe.start(cfg, loss_cfg, examples, processor, model, cache, online_ref, acc) \
+        if cfg.reference_check_every else None
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -171,7 +173,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
             ctx = acc.no_sync(model) if not sync else _null()
             with ctx:
                 result, n_rows = _loss(batch_ex, loss_cfg, cfg, model, processor, cache, online_ref, proposal,
-                                       is_gen, acc)
+                                       is_gen, acc, step)
                 acc.backward(result.loss / cfg.grad_accum)
             rows_forwarded += n_rows
             step_metrics.append(result.metrics)
@@ -180,6 +182,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if probe is not None and (step + 1) % cfg.reference_check_every == 0:
+            step_metrics[-1].update(probe.check(model, cache, online_ref, acc))
+        if proposal is not None and acc.num_processes > 1:
+            # q_phi is trained on each process's own draws with all-reduced gradients: every copy must be equal.
+            copies = acc.gather(proposal.flat_parameters().to(acc.device)[None]).cpu()
+            step_metrics[-1]["proposal/process_disagreement"] = float((copies - copies[:1]).abs().max())
         metrics = _reduce_metrics(step_metrics, acc)
         metrics.update({"step": step + 1, "lr": scheduler.get_last_lr()[0],
                         "epoch": (step + 1) * cfg.batch_size / len(examples),
@@ -197,7 +205,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
             acc.wait_for_everyone()
             if acc.is_main_process:
                 save_checkpoint(ckpt_dir, step + 1, acc.unwrap_model(model), optimizer, scheduler, {"is": is_gen},
-                                *extras, state={"preset": cfg.preset}, keep=cfg.keep_checkpoints)
+                                *extras, state={"preset": cfg.preset, "processes": acc.num_processes},
+                                keep=cfg.keep_checkpoints)
+        if online_ref is not None and (stopping or step + 1 == cfg.max_steps):
+            _write_online_cost(online_ref, acc, out)
         if stopping and step + 1 < cfg.max_steps:
             acc.print(f"stopping after {cfg.stop_after_steps} steps at step {step + 1}; rerun to resume")
             bar.close()
@@ -239,43 +250,69 @@ def _check_rule(loss_cfg, table, shards_dir) -> None:
                          "into another data root, or choose another preset")
 
 
-def _cache_key(ref_fp: str, manifest: dict, cfg: TrainConfig) -> str:
-    from pipeline.fingerprint import fingerprint
+def _batch_layout(cfg: TrainConfig, loss_cfg, num_processes: int) -> dict:
+    """What decides which rows share a forward: part of the cache key, because a row's log-prob depends on its
+    batch-mates in the last bits (GEMM blocking, padding), and at step 0 the cached value must equal the policy's."""
+    if loss_cfg.uses_pool:  # draws are random: reference rows are computed per example's pool, not per step
+        return {"rows": "pool", "negatives": loss_cfg.image_negatives}
+    return {"rows": "steps", "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "processes": num_processes,
+            "negatives": loss_cfg.image_negatives, "num_negatives": loss_cfg.num_negatives,
+            "fresh": loss_cfg.fresh_negatives, "text": loss_cfg.lambda_text > 0}
 
-    return fingerprint("ref", ref_fp, [s["sha256"] for s in manifest["shards"]], cfg.max_length, cfg.seed)
+
+def _micro_batches(step: int, cfg: TrainConfig, n_examples: int, num_processes: int):
+    """The example indices of each (process, micro-batch) of `step`, in the order the loop forwards them."""
+    idx = batch_indices(step, n_examples, cfg.batch_size, cfg.seed)
+    per_proc = cfg.batch_size // num_processes
+    micro = per_proc // cfg.grad_accum
+    for p in range(num_processes):
+        mine = idx[p * per_proc:(p + 1) * per_proc]
+        for m in range(cfg.grad_accum):
+            yield mine[m * micro:(m + 1) * micro]
 
 
-def _all_rows(ex: dict, loss_cfg, cfg: TrainConfig):
-    positions = [list(range(len(ex["pool"])))] if loss_cfg.uses_pool else None
-    return build_rows([ex], loss_cfg, cfg.seed, pool_positions=positions, with_text=loss_cfg.lambda_text > 0)
-
-
-def _precompute(cache: RefCache, examples: list[dict], loss_cfg, cfg: TrainConfig, model, processor,
+def _precompute(cache: RefCache, examples: list[dict], loss_cfg, cfg: TrainConfig, model, processor, acc,
                 progress: bool) -> tuple[int, int]:
     """Reference log-probs of every row the run will need, before the first update (the model is the reference
-    then). With IS that is the whole candidate pool of each example: a one-off cost, reused by later runs.
-    Returns (rows the run needs, rows computed now)."""
+    then), under the policy's autocast. Without IS, each micro-batch of the schedule is forwarded exactly as the
+    loop will forward it (so at step 0 the rewards are exactly 0); with IS, every candidate of each example's pool
+    (a one-off cost, reused by later runs). Returns (rows the run needs, rows computed now)."""
     model.eval()
-    todo, needed = [], 0
-    for ex in examples:
-        rows = _all_rows(ex, loss_cfg, cfg)
-        needed += len(rows.keys)
-        if cache.missing(rows.keys):
-            todo.append(rows)
-    if not todo:
-        return needed, 0
-    merged = _concat_rows(todo)
+    needed: set = set()
+    computed = 0
+    with_text = loss_cfg.lambda_text > 0
     with _adapters_off(model):
-        computed = fill(cache, merged, model, processor, max_length=cfg.max_length, progress=progress)
+        if loss_cfg.uses_pool:
+            todo = []
+            for i in sorted({i for s in range(cfg.max_steps)
+                             for i in batch_indices(s, len(examples), cfg.batch_size, cfg.seed)}):
+                ex = examples[i]
+                rows = build_rows([ex], loss_cfg, cfg.seed, pool_positions=[list(range(len(ex["pool"])))],
+                                  with_text=with_text)
+                needed.update(rows.keys)
+                if cache.missing(rows.keys):
+                    todo.append(rows)
+            if todo:
+                computed = fill(cache, _concat_rows(todo), model, processor, max_length=cfg.max_length,
+                                progress=progress, autocast=acc.autocast)
+        else:
+            steps = tqdm(range(cfg.max_steps), desc="reference log-probs", unit="step", disable=not progress)
+            for step in steps:
+                for part in _micro_batches(step, cfg, len(examples), acc.num_processes):
+                    rows = build_rows([examples[i] for i in part], loss_cfg, cfg.seed, with_text=with_text,
+                                      step=step)
+                    needed.update(rows.keys)
+                    computed += fill_batch(cache, rows, model, processor, max_length=cfg.max_length,
+                                           autocast=acc.autocast)
     cache.save()
-    return needed, computed
+    return len(needed), computed
 
 
 def _concat_rows(parts):
     from trainer.rows import Rows
 
     fields = {f: list(itertools.chain.from_iterable(getattr(p, f) for p in parts))
-              for f in ("images", "prompts", "responses", "example_ids", "keys")}
+              for f in ("images", "prompts", "responses", "example_ids", "keys", "noise")}
     empty = torch.zeros(0, dtype=torch.long)
     return Rows(**fields, chosen=empty, rejected=empty, neg=empty.view(0, 0))
 
@@ -284,7 +321,46 @@ def _adapters_off(model):
     return model.disable_adapter() if hasattr(model, "disable_adapter") else _null()
 
 
-def _loss(batch_ex, loss_cfg, cfg, model, processor, cache, online_ref, proposal, is_gen, acc):
+def _reference_logps(rows, enc, cache, online_ref, model, acc) -> torch.Tensor:
+    """Reference log-probs of the rows: looked up in the cache, or computed by the online reference."""
+    if cache is not None:
+        missing = cache.missing(rows.keys)
+        if missing:
+            raise KeyError(f"reference cache lacks {len(missing)} rows (e.g. {missing[0]}); delete the run's "
+                           "ref_cache file or use reference=online")
+        return cache.lookup(rows.keys).to(enc.input_ids.device)
+    return online_ref.logps(acc.unwrap_model(model), enc, acc.autocast)
+
+
+class _Probe:
+    """`reference_check_every`: the reference and policy log-probs of a fixed batch (the first example of step
+    0) at step 0, compared with later ones. The reference must not move at all."""
+
+    def __init__(self, rows, enc, ref0, pol0):
+        self.rows, self.enc, self.ref0, self.pol0 = rows, enc, ref0, pol0
+
+    @classmethod
+    def start(cls, cfg, loss_cfg, examples, processor, model, cache, online_ref, acc) -> "_Probe":
+        first = examples[batch_indices(0, len(examples), cfg.batch_size, cfg.seed)[0]]
+        rows = build_rows([first], loss_cfg, cfg.seed, with_text=loss_cfg.lambda_text > 0, step=0)
+        enc = encode_rows(processor, rows, max_length=cfg.max_length).to(acc.device)
+        probe = cls(rows, enc, None, None)
+        probe.ref0, probe.pol0 = probe._measure(model, cache, online_ref, acc)
+        return probe
+
+    def _measure(self, model, cache, online_ref, acc):
+        ref = _reference_logps(self.rows, self.enc, cache, online_ref, model, acc)
+        with torch.no_grad(), acc.autocast():
+            pol = response_logps_from_model(acc.unwrap_model(model), self.enc).double()
+        return ref, pol
+
+    def check(self, model, cache, online_ref, acc) -> dict[str, float]:
+        ref, pol = self._measure(model, cache, online_ref, acc)
+        return {"ref/probe_drift": float((ref - self.ref0).abs().max()),
+                "ref/probe_policy_change": float((pol - self.pol0).abs().max())}
+
+
+def _loss(batch_ex, loss_cfg, cfg, model, processor, cache, online_ref, proposal, is_gen, acc, step):
     """Forward one micro-batch and compute the preset's loss."""
     pool_q = pool_mask = feats = sample = q_fixed = None
     positions = None
@@ -295,22 +371,12 @@ def _loss(batch_ex, loss_cfg, cfg, model, processor, cache, online_ref, proposal
         pool_q = proposal.mixture(feats, q_fixed.float(), pool_mask).double() if proposal else q_fixed
         sample = sample_from_proposal(pool_q, pool_mask, loss_cfg.k_prime, is_gen)
         positions = sample.idx_bk.tolist()
-    rows = build_rows(batch_ex, loss_cfg, cfg.seed, pool_positions=positions, with_text=loss_cfg.lambda_text > 0)
-    enc = encode_batch(processor, rows.images, rows.prompts, rows.responses, max_length=cfg.max_length,
-                       example_ids=rows.example_ids).to(acc.device)
+    rows = build_rows(batch_ex, loss_cfg, cfg.seed, pool_positions=positions, with_text=loss_cfg.lambda_text > 0,
+                      step=step)
+    enc = encode_rows(processor, rows, max_length=cfg.max_length).to(acc.device)
     with acc.autocast():
         logps = response_logps_from_model(model, enc).double()
-    if cache is not None:
-        missing = cache.missing(rows.keys)
-        if missing:
-            raise KeyError(f"reference cache lacks {len(missing)} rows (e.g. {missing[0]}); delete the run's "
-                           "ref_cache file or use reference=online")
-        ref = cache.lookup(rows.keys).to(logps.device)
-    else:
-        with torch.no_grad(), acc.autocast():
-            ref_model = online_ref if online_ref is not None else model
-            with _adapters_off(acc.unwrap_model(ref_model)):
-                ref = response_logps_from_model(ref_model, enc).double()
+    ref = _reference_logps(rows, enc, cache, online_ref, model, acc).to(logps.device)
     pol, rf = _row_logps(rows, logps, loss_cfg), _row_logps(rows, ref, loss_cfg)
     n_tokens = torch.tensor([e - s for s, e in enc.spans], device=logps.device)[rows.chosen]
     inputs = dict(logp_chosen=pol["chosen"], ref_chosen=rf["chosen"], n_tokens_chosen=n_tokens.double())
@@ -326,9 +392,20 @@ def _loss(batch_ex, loss_cfg, cfg, model, processor, cache, online_ref, proposal
             inputs.update(logp_neg=pol["neg"], ref_neg=rf["neg"], neg_mask=pol["neg_mask"])
     result = compute_loss(loss_cfg, LossInputs(**inputs))
     if proposal is not None and result.is_weights is not None:
+        average = (lambda t: acc.reduce(t.to(acc.device), reduction="mean").cpu()) if acc.num_processes > 1 else None
         result.metrics.update(proposal.update(feats, q_fixed.float(), pool_mask, sample.idx_bk,
-                                              result.is_weights.detach().cpu(), sample.mask_bk))
+                                              result.is_weights.detach().cpu(), sample.mask_bk, average=average))
     return result, len(rows.keys)
+
+
+def _write_online_cost(online_ref: OnlineReference, acc: Accelerator, out: Path) -> None:
+    """reference.json of an online reference: the rows it forwarded in this invocation over all processes (the
+    cached mode writes the same file from its precompute)."""
+    totals = acc.reduce(torch.tensor([float(online_ref.rows), online_ref.seconds], dtype=torch.float64,
+                                     device=acc.device), reduction="sum").cpu().tolist()
+    if acc.is_main_process:
+        write_json_atomic({"mode": "online", "rows_needed": int(totals[0]), "rows_computed": int(totals[0]),
+                           "seconds": totals[1]}, out / "reference.json")
 
 
 def _reduce_metrics(parts: list[dict], acc: Accelerator) -> dict:
