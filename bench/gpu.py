@@ -241,7 +241,8 @@ def run_group(names: list[str], lora: bool, layers: int, examples: list[dict], p
     cuda = device.type == "cuda"
     results = []
     base_args = ["--preset", "misp", "--batch_size", str(args.batch), "--gradient_checkpointing", "true",
-                 "--precision", "bf16" if cuda else "no", "--lr", "1e-5", "--warmup_steps", "1", "--max_steps", "1000",
+                 "--precision", "bf16" if cuda else "no", "--lr", "1e-5", "--warmup_steps", "1",
+                 "--max_steps", str(args.warmup + args.steps),
                  "--max_length", str(shape.image_tokens + args.prompt_tokens + args.response_tokens + 64),
                  "--lora", str(lora).lower(), "--lora_r", "16", "--lora_alpha", "32"]
     t_build = time.perf_counter()
@@ -272,15 +273,15 @@ def run_group(names: list[str], lora: bool, layers: int, examples: list[dict], p
         loss_cfg = cfg.loss_config()
         try:
             steps = args.warmup + args.steps
-            used = sorted({i for s in range(steps) for i in batch_indices(s, len(examples), cfg.batch_size, 0)})
+            used = sorted({i for s in range(steps) for i in batch_indices(s, len(examples), cfg.batch_size, cfg.seed)})
             cache = RefCache(tmp / "ref_cache", f"{name}-{layers}")
             counter.reset()
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            needed, computed = _precompute(cache, [examples[i] for i in used], loss_cfg, cfg, model, processor,
-                                           progress=False)
+            # the trainer's pass over the run's schedule (cfg.max_steps micro-batches, or every pool row with IS)
+            needed, computed = _precompute(cache, examples, loss_cfg, cfg, model, processor, acc, progress=False)
             if cuda:
                 torch.cuda.synchronize()
             ref_s = time.perf_counter() - t0
@@ -303,8 +304,8 @@ def run_group(names: list[str], lora: bool, layers: int, examples: list[dict], p
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 model.train()
-                batch = [examples[i] for i in batch_indices(step, len(examples), cfg.batch_size, 0)]
-                result, n_rows = _loss(batch, loss_cfg, cfg, model, processor, cache, None, None, is_gen, acc)
+                batch = [examples[i] for i in batch_indices(step, len(examples), cfg.batch_size, cfg.seed)]
+                result, n_rows = _loss(batch, loss_cfg, cfg, model, processor, cache, None, None, is_gen, acc, step)
                 acc.backward(result.loss)
                 acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
