@@ -37,6 +37,8 @@ def test_a_lora_final_folder_evaluates_on_its_recorded_base(lora_run, tmp_path):
     merged = PeftModel.from_pretrained(base, final).merge_and_unload()
     moved = [k for k, v in merged.state_dict().items() if k in before and not torch.equal(before[k], v)]
     assert moved, "the LoRA adapter left every weight as in the base model"
+    # The projector trains outside the adapters (freeze_projector: false): its trained values must be in final/.
+    assert any("multi_modal_projector" in k for k in moved), "the trained projector did not reach the adapter folder"
     merged.save_pretrained(tmp_path / "merged")
     processor.save_pretrained(tmp_path / "merged")
     cfg = EvalConfig(limit=3, device="cpu", progress=False, max_new_tokens=24)

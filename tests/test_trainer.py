@@ -196,15 +196,19 @@ def test_reference_never_moves_and_rewards_start_at_exactly_zero(base, reference
     assert m[-1]["ref/probe_policy_change"] > 0.5  # the steps did move the policy
 
 
-def test_lora_reference_without_kept_starting_weights_would_move(base, monkeypatch):
-    """The control of the test above: with nothing kept aside (the old behaviour: adapters disabled, projector
-    as trained) the same probe catches the reference moving."""
+def test_a_reference_that_follows_the_policy_is_caught_by_the_probe(base, monkeypatch):
+    """The control of the test above: a reference that is the policy itself (no frozen copy) moves, and the same
+    probe catches it; so the zeros above are the reference standing still, not a probe that cannot see."""
     import trainer.reference
 
-    monkeypatch.setattr(trainer.reference, "is_adapter_parameter", lambda name: True)
-    train(_cfg(base, "ref-old", "--max_steps", "3", "--lr", "1e-2", "--reference", "online", "--lora", "true",
+    def the_policy_itself(self, policy, batch, autocast=None):
+        with torch.no_grad():
+            return trainer.reference.response_logps_from_model(policy, batch).double()
+
+    monkeypatch.setattr(trainer.reference.OnlineReference, "logps", the_policy_itself)
+    train(_cfg(base, "ref-follows", "--max_steps", "3", "--lr", "1e-2", "--reference", "online",
                "--reference_check_every", "1", "--resume", "false"), progress=False)
-    assert _metrics(base, "ref-old")[-1]["ref/probe_drift"] > 0.1
+    assert _metrics(base, "ref-follows")[-1]["ref/probe_drift"] > 0.1
 
 
 def test_cache_key_follows_precision_and_every_weight_file(base, tmp_path):
@@ -324,16 +328,20 @@ def test_two_ddp_processes_hold_the_same_learned_proposal(base, tmp_path):
 
 
 def test_online_lora_reference_keeps_the_projector_and_refuses_sharded_training(base):
+    """With LoRA the projector trains as peft's `modules_to_save` (saved in the adapter folder, switched off with
+    the adapters), so nothing trains outside the adapters and nothing is kept aside; a weight that does train
+    outside them is kept, and refused under sharded training."""
     from trainer.model_loading import load_vlm
     from trainer.reference import OnlineReference
     from trainer.trainable import prepare_trainable
 
     model, _ = load_vlm(base / "models" / "base")
     lora = prepare_trainable(model, load_config(None, ["--lora", "true"]))
-    kept = OnlineReference(lora, lora=True).kept_parameters
-    assert kept and all("multi_modal_projector" in n for n in kept)  # what trains outside the adapters
+    assert any("modules_to_save" in n and "multi_modal_projector" in n
+               for n, p in lora.named_parameters() if p.requires_grad)
+    assert OnlineReference(lora, lora=True, distributed_type="FSDP").kept_parameters == []
+    head = next(n for n, p in lora.named_parameters() if n.endswith("lm_head.weight"))
+    dict(lora.named_parameters())[head].requires_grad_(True)
+    assert OnlineReference(lora, lora=True).kept_parameters == [head]
     with pytest.raises(ValueError, match="freeze_projector: true"):
         OnlineReference(lora, lora=True, distributed_type="FSDP")
-    model, _ = load_vlm(base / "models" / "base")
-    frozen = prepare_trainable(model, load_config(None, ["--lora", "true", "--freeze_projector", "true"]))
-    assert OnlineReference(frozen, lora=True, distributed_type="FSDP").kept_parameters == []

@@ -1,9 +1,10 @@
 """The online reference: log-probs of the starting weights, computed every step, that never move.
 
-Full fine-tuning keeps a frozen copy of the model. With LoRA the policy itself serves, adapters disabled; but
-whatever else trains outside the adapters (the projector unless `freeze_projector`) would move that "reference"
-with every step (+7.4 nats after 3 steps at lr 1e-3 on the world VLM, issue 11). So those parameters' starting
-values are kept aside and swapped in for the reference forward. The reference forward runs in eval mode and under
+Full fine-tuning keeps a frozen copy of the model. With LoRA the policy itself serves, adapters disabled. A
+projector that trains in place outside the adapters would move that "reference" with every step (+7.4 nats after
+3 steps at lr 1e-3 on the world VLM, issue 11); the trainer makes it peft's `modules_to_save` (a trained copy the
+adapters switch off, and saved in the adapter folder). Anything else found training outside the adapters has its
+starting values kept aside and swapped in for the reference forward. The reference forward runs in eval mode and under
 the policy's autocast: at step 0 reference and policy log-probs are the same numbers, whatever the precision."""
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from trainer.model_loading import EncodedBatch, response_logps_from_model
 
 
 def is_adapter_parameter(name: str) -> bool:
-    """peft's LoRA / DoRA tensors (`lora_A`, `lora_B`, `lora_embedding_*`, `lora_magnitude_vector`): what
-    `disable_adapter` turns off."""
-    return "lora_" in name
+    """What peft's `disable_adapter` turns off: LoRA / DoRA tensors (`lora_A`, `lora_B`, `lora_embedding_*`,
+    `lora_magnitude_vector`) and the trained copies of `modules_to_save` (the projector: the original module
+    serves while the adapters are off)."""
+    return "lora_" in name or ".modules_to_save." in name
 
 
 @contextlib.contextmanager

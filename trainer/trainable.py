@@ -25,6 +25,13 @@ def _is_projector(name: str) -> bool:
     return any(k in name for k in PROJECTOR_KEYS)
 
 
+def projector_modules(model: torch.nn.Module) -> list[str]:
+    """Full names of the outermost projector / connector modules (not their children, not bare parameters)."""
+    names = [name for name, module in model.named_modules()
+             if name and _is_projector(name.split(".")[-1]) and any(True for _ in module.parameters())]
+    return [n for n in names if not any(n.startswith(other + ".") for other in names)]
+
+
 def language_model_prefix(model: torch.nn.Module) -> str | None:
     """Qualified name of the language model inside a VLM (`model.language_model`, Idefics3's `model.text_model`),
     found by identity with the model's `get_decoder()`; None when the model does not say (then names decide)."""
@@ -67,13 +74,13 @@ def prepare_trainable(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Modu
 
         targets = (language_linear_modules(model) if cfg.lora_target_modules == "all-linear"
                    else [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()])
+        # A trained projector must reach the adapter folder (`final/`), or evaluating the run would silently use
+        # the base's projector: peft saves it only as a `modules_to_save` module. A projector *parameter* outside
+        # such a module (LLaVA-NeXT's `image_newline`) cannot be saved in an adapter, so it stays frozen.
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=lora_target_pattern(model, targets), bias="none")
+                          target_modules=lora_target_pattern(model, targets), bias="none",
+                          modules_to_save=None if cfg.freeze_projector else projector_modules(model) or None)
         model = get_peft_model(model, lora)
-        if not cfg.freeze_projector:
-            for name, p in model.named_parameters():
-                if _is_projector(name):
-                    p.requires_grad_(True)
     else:
         for name, p in model.named_parameters():
             frozen = (cfg.freeze_vision and _is_vision(name)) or (cfg.freeze_projector and _is_projector(name))
