@@ -66,6 +66,9 @@ COLLAPSE_THRESHOLD = 0.95
 """Mean pairwise cosine of image embeddings above which they have collapsed. Measured on the tiny world: its trained
 world CLIP 0.80-0.82 per shard (synthetic scenes on few backgrounds look alike), a random ViT-B-32 0.56-0.69; a
 checkpoint that maps every image to one vector 1.0 (docs/mining.md)."""
+MIN_COLLAPSE_ROWS = 16
+"""Fewer image rows than this say nothing about collapse (a handful of plain or odd-mode images may well look alike):
+the check passes and says so."""
 SHORT_MAJORITY = 0.5
 """`enough_candidates` fails when more than this fraction of examples has fewer than K candidates."""
 MAX_DEAD_FRACTION = 0.5
@@ -87,11 +90,15 @@ def mean_pairwise_cosine(m: np.ndarray) -> float | None:
     return (total - n) / (n * (n - 1))
 
 
-def check_not_collapsed(df: pl.DataFrame, threshold: float = COLLAPSE_THRESHOLD) -> CheckOutcome:
+def check_not_collapsed(df: pl.DataFrame, threshold: float = COLLAPSE_THRESHOLD,
+                        min_rows: int = MIN_COLLAPSE_ROWS) -> CheckOutcome:
     m = embedding_matrix(df)
     m = m[np.isfinite(m).all(axis=1)] if m.size else m
     cos = mean_pairwise_cosine(m) if m.size else None
-    details = {"mean_pairwise_cosine": cos, "threshold": threshold, "rows": int(m.shape[0]) if m.size else 0}
+    rows = int(m.shape[0]) if m.size else 0
+    details = {"mean_pairwise_cosine": cos, "threshold": threshold, "rows": rows}
+    if rows < min_rows:
+        return CheckOutcome(True, f"{rows} rows: too few to judge collapse (needs {min_rows})", details)
     if cos is None or cos <= threshold:
         return CheckOutcome(True, f"mean pairwise cosine {cos if cos is None else round(cos, 4)} <= {threshold}",
                             details)

@@ -69,6 +69,8 @@ def test_collapse_check_fails_on_alike_embeddings_and_names_the_knob():
     assert not out.passed and out.details["mean_pairwise_cosine"] > 0.99
     assert "MISP_CLIP_PRETRAINED" in out.description and "collapsed" in out.description
     assert check_not_collapsed(_table(np.eye(16))).passed  # orthogonal: cosine 0
+    few = check_not_collapsed(_table(collapsed[:3]))  # three alike images say nothing about the CLIP
+    assert few.passed and "too few" in few.description and few.details["rows"] == 3
 
 
 def test_candidate_check_fails_when_most_examples_are_short_of_k():
