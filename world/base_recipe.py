@@ -46,7 +46,7 @@ class RecipeConfig:
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """The vision encoder's architecture and budget (its width / depth must match the VLM's vision tower)."""
-    slot_steps: int = 1200
+    slot_steps: int = 600
     """Language-model steps on the text corpus with slot descriptors."""
     slot_lr: float = 1e-3
     """Peak learning rate of the slot stage."""
@@ -59,7 +59,7 @@ class RecipeConfig:
     hidden objects; 0: the language model meets grey objects only through images."""
     qa_fraction: float = 0.5
     """Share of the rows of the slot, projector and tune stages that are yes/no questions (the rest captions)."""
-    projector_steps: int = 400
+    projector_steps: int = 300
     """Projector-only steps on pool images."""
     projector_lr: float = 1e-3
     """Peak learning rate of the projector stage."""
@@ -310,12 +310,17 @@ def build_staged(model, processor, world_dir: Path, world, cfg: RecipeConfig, *,
     from world.encoder import load_encoder, train_encoder
 
     data = load_stage_data(world_dir, world)  # first: a world without a text corpus fails before any training
-    enc = train_encoder(world_dir, encoder_dir, cfg.encoder, progress=progress)
-    model.model.vision_tower.load_state_dict(load_encoder(encoder_dir).state_dict())  # strict: same architecture
     image_size = model.config.vision_config.image_size
+    encoder: dict[str, Any] = {}
+
+    def load_tower() -> None:  # the slot stage reads no pixels: the encoder is needed from the projector on
+        encoder.update(train_encoder(world_dir, encoder_dir, cfg.encoder, progress=progress).to_dict())
+        model.model.vision_tower.load_state_dict(load_encoder(encoder_dir).state_dict())  # strict: same shapes
+
     plan = [
         ("slots", stage_trainable(model, "slots"), cfg.slot_steps, cfg.slot_lr,
          slot_step_fn(model, processor, data, cfg, batch_size, max_length, seed, image_size)),
+        ("encoder", None, 0, 0.0, None),
         ("projector", stage_trainable(model, "projector"), cfg.projector_steps, cfg.projector_lr,
          image_step_fn(model, processor, data, cfg, batch_size, max_length, seed)),
         ("tune", tune_trainable(model, cfg.tune_layers), cfg.tune_steps, cfg.tune_lr,
@@ -324,11 +329,14 @@ def build_staged(model, processor, world_dir: Path, world, cfg: RecipeConfig, *,
     named = dict(model.named_parameters())
     logs = []
     for stage, names, steps, lr, fn in plan:
+        if stage == "encoder":
+            load_tower()
+            continue
         t0 = time.perf_counter()
         losses = run_stage(model, names, steps, lr, fn, f"base {stage}", progress) if steps else []
         logs.append(StageLog(stage, steps, sum(named[n].numel() for n in names), time.perf_counter() - t0,
                              float(np.mean(losses[-20:])) if losses else None, losses))
-    return enc.to_dict(), logs
+    return encoder, logs
 
 
 def recipe_to_dict(cfg: RecipeConfig) -> dict[str, Any]:
