@@ -162,3 +162,19 @@ def test_prior_split_counts_visible_and_uncertain_partners_by_hand():
     assert out["uncertain"]["conditional_lift"] == pytest.approx(3.0)
     full = prior_hallucinations(scenes, captions, [("red", "green"), ("blue", "yellow")], "colour")
     assert full["uncertain"] == out["uncertain"] and full["rate"] == 1.0  # both eligible captions name green
+
+
+def test_slot_words_drop_colours_and_fill_empty_cells_with_the_background(uncertain_world):
+    from world.base_recipe import slot_words
+
+    _, processor = build_world_vlm(uncertain_world, PRIOR_TINY)
+    tok = processor.tokenizer
+    scene = Scene((ObjectSpec("circle", "red", "large", "top left"), ObjectSpec("square", "blue", "small", "centre")),
+                  "dark")
+    ids, mask = slot_words(scene, tok, np.array([False, True]), blank=False)
+    word = tok.convert_tokens_to_ids
+    assert ids[0] == [word("large"), word("red"), word("circle")] and mask[0] == [1.0, 1.0, 1.0]
+    assert ids[4][0] == word("small") and ids[4][2] == word("square") and mask[4] == [1.0, 0.0, 1.0]  # colour gone
+    assert all(ids[c][0] == word("dark") and mask[c] == [1.0, 0.0, 0.0] for c in (1, 2, 3, 5, 6, 7, 8))
+    _, blank = slot_words(scene, tok, np.array([False, False]), blank=True)
+    assert not any(any(m) for m in blank)

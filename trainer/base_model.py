@@ -168,6 +168,8 @@ class BaseReport:
     """The vision encoder's report (staged recipe): folder and probe accuracies on held-out scenes."""
     stages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     """Per stage of the staged recipe: steps, parameters trained, seconds, final loss."""
+    figures_before_tune: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The same figures after the projector stage, when a tuning stage follows (its trade-off)."""
     figures: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The issue-15 target figures on the test split (`world.base_targets`; staged recipe): `targets` (value,
     target, met), per-object accuracy on visible and hidden objects, the prior split, CHAIR, POPE."""
@@ -473,12 +475,21 @@ def _staged(model, processor, world_dir: Path, out_dir: Path, cfg: BaseModelConf
     from world.base_recipe import build_staged
     from world.encoder import world_config
 
-    enc, logs = build_staged(model, processor, world_dir, world_config(world_dir), cfg.staged,
+    from world.base_targets import measure
+
+    world = world_config(world_dir)
+    before_tune: dict[str, Any] = {}
+
+    def after_stage(stage: str) -> None:  # the trade-off of the tuning stage: the targets before it, too
+        if stage == "projector" and cfg.staged.tune_steps:
+            before_tune.update(measure(model, processor, world_dir, world))
+
+    enc, logs = build_staged(model, processor, world_dir, world, cfg.staged,
                              encoder_dir=encoder_dir_for(out_dir), batch_size=cfg.batch_size,
-                             max_length=cfg.max_length, seed=cfg.seed, progress=progress)
+                             max_length=cfg.max_length, seed=cfg.seed, progress=progress, after_stage=after_stage)
     slots = next(log for log in logs if log.stage == "slots")
     last = [log for log in logs if log.losses][-1] if any(log.losses for log in logs) else logs[-1]
-    return last.losses, {"encoder": enc, "text_losses": slots.losses, "seconds_text": slots.seconds,
+    return last.losses, {"encoder": enc, "figures_before_tune": before_tune, "text_losses": slots.losses, "seconds_text": slots.seconds,
                          "texts": pl.scan_parquet(Path(world_dir) / TEXTS).select(pl.len()).collect().item(),
                          "stages": [{k: v for k, v in log._asdict().items() if k != "losses"} | {
                              "losses": log.losses[::max(1, len(log.losses) // 50)]} for log in logs]}

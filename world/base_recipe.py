@@ -3,9 +3,11 @@
     encoder    a CLIP vision tower trained on the ground truth (`world.encoder`), its own artifact, then frozen;
     slots      the language model pretrained on the text corpus, reading its image slots: each of the 9 image
                positions holds the word embeddings of its cell (size + colour + shape, or the background word);
-               a colour is dropped with `colour_drop_p` and all slots are blanked with `blank_p`, so the model
-               learns both to copy what the slots say and to fill a missing colour from the corpus's
-               co-occurrence prior. A share `qa_fraction` of rows are POPE-style yes/no questions on the slots;
+               a colour is dropped with `colour_drop_p` (the caption names it) or the object is hidden with
+               `hidden_p` (colour dropped, the caption says grey), and all slots are blanked with `blank_p`, so
+               the model learns to copy what the slots say, and to fill a missing colour with grey or, where the
+               corpus's co-occurrence prior says so, with the partner. A share `qa_fraction` of rows are
+               POPE-style yes/no questions on the slots;
     projector  the projector alone (tower and language model frozen) learns to map the tower's cell features to
                what the language model reads, on the pool's captions and yes/no questions;
     tune       optionally, `tune_steps` steps on captions and questions with only the top `tune_layers` language
@@ -54,9 +56,11 @@ class RecipeConfig:
     """Probability that an object's colour is left out of its slot (the caption still names it)."""
     blank_p: float = 0.15
     """Probability that every slot of a row is blank (zeros): pure language modelling."""
-    grey_p: float = 0.0
-    """Probability that a text object's slot and caption show it grey (`vocab.UNCERTAIN_COLOUR`), as images show
-    hidden objects; 0: the language model meets grey objects only through images."""
+    hidden_p: float = 0.15
+    """Probability that a text object is hidden, as images hide objects: its slot loses the colour (like
+    `colour_drop_p`) and the caption names it grey (`vocab.UNCERTAIN_COLOUR`). A colourless slot then means "grey"
+    or "some colour the text prior knows", so the model says grey unless the prior says otherwise: where a trigger
+    is in view it names the partner (the hallucination), elsewhere grey."""
     qa_fraction: float = 0.5
     """Share of the rows of the slot, projector and tune stages that are yes/no questions (the rest captions)."""
     projector_steps: int = 300
@@ -73,7 +77,7 @@ class RecipeConfig:
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
             object.__setattr__(self, "encoder", EncoderConfig(**self.encoder))
-        for name in ("colour_drop_p", "blank_p", "grey_p", "qa_fraction"):
+        for name in ("colour_drop_p", "blank_p", "hidden_p", "qa_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a probability in [0, 1]")
         if min(self.slot_steps, self.projector_steps, self.tune_steps) < 0 or self.projector_steps < 1:
@@ -83,7 +87,7 @@ class RecipeConfig:
 
 
 RECIPE_PRESETS: dict[str, RecipeConfig] = {
-    "prior": RecipeConfig(encoder=ENCODER_PRESETS["prior"]),
+    "prior": RecipeConfig(encoder=ENCODER_PRESETS["prior"], tune_steps=200, tune_layers=2),
     "tiny": RecipeConfig(encoder=ENCODER_PRESETS["tiny"], slot_steps=8, projector_steps=6, tune_steps=3),
 }
 
@@ -153,8 +157,8 @@ class SlotBatch(NamedTuple):
     """(B, 9, 3) 1.0 where a word is in the slot."""
 
 
-def slot_words(scene: Scene, tokenizer, drop: np.ndarray, grey: np.ndarray, blank: bool) -> tuple[list, list]:
-    """Word ids and mask of one scene's 9 slots. `drop[k]` / `grey[k]`: object k's colour is left out / grey."""
+def slot_words(scene: Scene, tokenizer, drop: np.ndarray, blank: bool) -> tuple[list, list]:
+    """Word ids and mask of one scene's 9 slots. `drop[k]`: object k's colour is left out."""
     ids = [[tokenizer.pad_token_id] * 3 for _ in range(9)]
     mask = [[0.0] * 3 for _ in range(9)]
     if blank:
@@ -163,8 +167,7 @@ def slot_words(scene: Scene, tokenizer, drop: np.ndarray, grey: np.ndarray, blan
         ids[cell][0], mask[cell][0] = tokenizer.convert_tokens_to_ids(scene.background), 1.0
     for k, o in enumerate(scene.objects):
         cell = vocab.POSITIONS.index(o.position)
-        colour = vocab.UNCERTAIN_COLOUR if grey[k] else o.colour
-        words = (o.size, None if drop[k] else colour, o.shape)
+        words = (o.size, None if drop[k] else o.colour, o.shape)
         ids[cell] = [tokenizer.convert_tokens_to_ids(w) if w else tokenizer.pad_token_id for w in words]
         mask[cell] = [1.0 if w else 0.0 for w in words]
     return ids, mask
@@ -268,10 +271,12 @@ def slot_step_fn(model, processor, data: StageData, cfg: RecipeConfig, batch_siz
         for i in idx:
             scene = data.text[int(i)]
             n = len(scene.objects)
-            drop, grey, blank = rng.random(n) < cfg.colour_drop_p, rng.random(n) < cfg.grey_p, rng.random() < cfg.blank_p
-            shown = scene.replace_objects(o.with_(colour=vocab.UNCERTAIN_COLOUR) if g else o
-                                          for o, g in zip(scene.objects, grey))
-            w, m = slot_words(scene, tok, drop, grey, blank)
+            u = rng.random(n)
+            hidden = u < cfg.hidden_p
+            drop, blank = u < cfg.hidden_p + cfg.colour_drop_p, rng.random() < cfg.blank_p  # hidden: dropped too
+            shown = scene.replace_objects(o.with_(colour=vocab.UNCERTAIN_COLOUR) if h else o
+                                          for o, h in zip(scene.objects, hidden))
+            w, m = slot_words(scene, tok, drop, blank)
             words.append(w), masks.append(m)
             rows.append(yesno_row(shown, data.shapes, data.colours, rng) if rng.random() < cfg.qa_fraction
                         else Row(grammar.DESCRIBE_PROMPT, grammar.caption(shown)))
@@ -305,8 +310,10 @@ class StageLog(NamedTuple):
 
 
 def build_staged(model, processor, world_dir: Path, world, cfg: RecipeConfig, *, encoder_dir: Path, batch_size: int,
-                 max_length: int, seed: int, progress: bool = True) -> tuple[dict[str, Any], list[StageLog]]:
-    """Run encoder, slots, projector and tune on `model` in place. Returns (the encoder's report, stage logs)."""
+                 max_length: int, seed: int, progress: bool = True,
+                 after_stage: Callable[[str], None] | None = None) -> tuple[dict[str, Any], list[StageLog]]:
+    """Run encoder, slots, projector and tune on `model` in place; `after_stage(name)` is called after each stage
+    that ran. Returns (the encoder's report, stage logs)."""
     from world.encoder import load_encoder, train_encoder
 
     data = load_stage_data(world_dir, world)  # first: a world without a text corpus fails before any training
@@ -336,6 +343,8 @@ def build_staged(model, processor, world_dir: Path, world, cfg: RecipeConfig, *,
         losses = run_stage(model, names, steps, lr, fn, f"base {stage}", progress) if steps else []
         logs.append(StageLog(stage, steps, sum(named[n].numel() for n in names), time.perf_counter() - t0,
                              float(np.mean(losses[-20:])) if losses else None, losses))
+        if steps and after_stage is not None:
+            after_stage(stage)
     return encoder, logs
 
 
