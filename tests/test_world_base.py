@@ -178,3 +178,69 @@ def test_slot_words_drop_colours_and_fill_empty_cells_with_the_background(uncert
     assert all(ids[c][0] == word("dark") and mask[c] == [1.0, 0.0, 0.0] for c in (1, 2, 3, 5, 6, 7, 8))
     _, blank = slot_words(scene, tok, np.array([False, False]), blank=True)
     assert not any(any(m) for m in blank)
+
+
+# ---------------------------------------------------------------------------------------------- the prior probe
+def test_probe_pairs_differ_only_in_the_trigger_and_hide_the_other_object():
+    from world.prior_probe import probe_images, probe_pairs
+
+    cfg = preset("prior")
+    scenes = [sample_scene(cfg, scene_rng(0, "test", i), "test") for i in range(60)]
+    probe = probe_pairs(scenes, cfg.cooccur_pairs, cfg.colours)
+    assert len(probe) == sum(len(s.objects) >= 2 for s in scenes) > 10
+    in_pairs = {c for p in cfg.cooccur_pairs for c in p}
+    for i, p in enumerate(probe):
+        trig, ctrl = p.trigger.objects, p.control.objects
+        assert (trig[0].colour, p.partner) == tuple(cfg.cooccur_pairs[i % len(cfg.cooccur_pairs)])
+        assert ctrl[0].colour not in in_pairs | {vocab.UNCERTAIN_COLOUR}
+        assert trig[1].colour == ctrl[1].colour == vocab.UNCERTAIN_COLOUR and trig[1].position == p.hidden_position
+        assert trig[1:] == ctrl[1:] and trig[0].with_(colour=None) == ctrl[0].with_(colour=None)
+        assert not any(o.colour in in_pairs for o in trig[1:])  # the partner is nowhere visible
+    trig_img, ctrl_img = probe_images(probe[:8], cfg)
+    for p, a, b in zip(probe[:8], trig_img, ctrl_img):
+        row, col = vocab.CELL[p.trigger.objects[0].position]
+        cell = cfg.image_size // 3
+        diff = np.argwhere((a != b).any(-1))
+        assert len(diff) and ((diff // cell) == (row, col)).all()  # only the trigger's cell changed
+
+
+def test_probe_score_counts_the_partner_said_of_the_hidden_object_by_hand():
+    from world.prior_probe import ProbePair, score_probe
+
+    def scene(first):
+        return Scene(objects=(ObjectSpec("circle", first, "small", "top left"),
+                              ObjectSpec("square", "grey", "small", "centre")), background="dark")
+
+    probe = [ProbePair(scene("red"), scene("purple"), "centre", "green")] * 4
+    trig = ["a small red circle at the top left and a small green square in the centre on a dark background",
+            "a small red circle at the top left and a small grey square in the centre on a dark background",
+            "a small green circle at the top left and a small grey square in the centre on a dark background",
+            "a small red circle at the top left and a small green square in the centre on a dark background"]
+    ctrl = ["a small purple circle at the top left and a small grey square in the centre on a dark background"] * 3 \
+        + ["a small purple circle at the top left and a small green square in the centre on a dark background"]
+    s = score_probe(probe, trig, ctrl)
+    # the third trigger caption names a *visible* object green: not the hidden one, so not counted
+    assert (s["partner_with_trigger"], s["partner_without_trigger"]) == (2, 1)
+    assert s["rate_with_trigger"] == 0.5 and s["rate_without_trigger"] == 0.25 and s["lift"] == 2.0
+    assert s["grey_with_trigger"] == 0.5 and s["grey_without_trigger"] == 0.75
+    none = score_probe(probe, trig, [ctrl[0]] * 4)
+    assert none["lift"] == 0.5 / 0.25  # a control rate of 0 counts as one pair's worth (1/n)
+    with pytest.raises(ValueError, match="one caption per scene"):
+        score_probe(probe, trig[:3], ctrl)
+    with pytest.raises(ValueError, match="co-occurrence pairs"):
+        from world.prior_probe import probe_pairs
+        probe_pairs([scene("red")], [], ["red", "green"])
+
+
+def test_staged_report_records_the_prior_probe(uncertain_world, tmp_path):
+    from trainer.base_model import train_base_model
+
+    report = train_base_model(uncertain_world, tmp_path / "base", PRIOR_TINY, progress=False)
+    probe = report.figures["prior_probe"]
+    test = read_scenes(uncertain_world, "test").values()
+    assert probe["pairs"] == sum(len(s.objects) >= 2 for s in test) > 0
+    assert 0 <= probe["rate_with_trigger"] <= 1 and probe["lift"] == pytest.approx(
+        probe["rate_with_trigger"] / max(probe["rate_without_trigger"], 1 / probe["pairs"]))
+    targets = report.figures["targets"]
+    assert targets["prior_probe_rate"]["value"] == probe["rate_with_trigger"]
+    assert targets["prior_probe_lift"]["met"] == (probe["lift"] >= 2)

@@ -2,6 +2,8 @@
 
     caption shape and colour accuracy on visible objects    >= 90%
     prior rate (eligible captions) and its lift              >= 15%, >= 2
+    or, on the prior-probe split (`world.prior_probe`):
+    hidden object named the partner with the trigger in view >= 15%, lift over the control scenes >= 2
     POPE random accuracy                                     >= 80%
 
 One caption per test scene (greedy, "Describe the image."), read back with the world's grammar; POPE probes of
@@ -21,6 +23,7 @@ from eval.pope_world import SETTINGS, build_probes, object_stats
 from trainer.model_loading import greedy_generate
 from world import grammar
 from world.generate import read_scenes
+from world.prior_probe import measure_probe
 from world.scene import Scene, is_uncertain
 
 TARGETS: dict[str, tuple[str, float]] = {
@@ -29,6 +32,8 @@ TARGETS: dict[str, tuple[str, float]] = {
     "prior_rate": (">=", 0.15),
     "prior_lift": (">=", 2.0),
     "pope_random_accuracy": (">=", 0.80),
+    "prior_probe_rate": (">=", 0.15),
+    "prior_probe_lift": (">=", 2.0),
 }
 
 
@@ -78,14 +83,17 @@ def measure(model, processor, world_dir: Path, world, *, pope_scenes: int = 300,
         rows = [(p, a) for p, a in zip(probes, answers) if p.setting == setting]
         if rows:
             pope[setting] = pope_metrics([p.label for p, _ in rows], [parse_yes_no(a) for _, a in rows])
+    probe = (measure_probe(model, processor, truth, world, batch_size=batch_size)  # a colour prior only
+             if world.cooccur_pairs and world.cooccur_attribute == "colour" else {})
     figures = {
+        "prior_probe_rate": probe.get("rate_with_trigger"), "prior_probe_lift": probe.get("lift"),
         "caption_shape_visible": objects["shape_visible"], "caption_colour_visible": objects["colour_visible"],
         "prior_rate": prior["rate"], "prior_lift": prior["lift"],
         "pope_random_accuracy": pope.get("random", {}).get("accuracy"),
     }
     targets = {k: {"value": figures[k], "target": f"{op} {bound:g}",
                    "met": figures[k] is not None and figures[k] >= bound} for k, (op, bound) in TARGETS.items()}
-    return {"targets": targets, "objects": objects, "prior": prior, "chair_object": chair,
+    return {"targets": targets, "objects": objects, "prior": prior, "prior_probe": probe, "chair_object": chair,
             "pope": {s: {k: m[k] for k in ("n", "accuracy", "f1", "yes_ratio", "precision", "recall")}
                      for s, m in pope.items()},
             "samples": [{"scene_id": s, "truth": grammar.caption(t), "caption": c}
@@ -96,7 +104,7 @@ def format_targets(figures: dict[str, Any]) -> str:
     lines = []
     for k, t in figures["targets"].items():
         v = t["value"]
-        shown = "n/a" if v is None else (f"{v:.2f}" if k == "prior_lift" else f"{v:.1%}")
+        shown = "n/a" if v is None else (f"{v:.2f}" if k.endswith("lift") else f"{v:.1%}")
         lines.append(f"  {k:<24} {shown:>7}  target {t['target']:<8} {'met' if t['met'] else 'NOT met'}")
     unc = figures["prior"].get("uncertain")
     if unc:
@@ -105,6 +113,11 @@ def format_targets(figures: dict[str, Any]) -> str:
                      f"{_pct(unc['rate_without_trigger'])} without")
         vis = figures["prior"]["visible"]
         lines.append(f"  prior on visible objects: {vis['captions']}/{vis['eligible_captions']} eligible captions")
+    probe = figures.get("prior_probe")
+    if probe:
+        lines.append(f"  prior probe ({probe['pairs']} pairs): hidden object named the partner "
+                     f"{_pct(probe['rate_with_trigger'])} with the trigger vs {_pct(probe['rate_without_trigger'])} "
+                     f"in the control; grey {_pct(probe['grey_with_trigger'])} vs {_pct(probe['grey_without_trigger'])}")
     return "\n".join(lines)
 
 
