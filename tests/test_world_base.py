@@ -244,3 +244,16 @@ def test_staged_report_records_the_prior_probe(uncertain_world, tmp_path):
     targets = report.figures["targets"]
     assert targets["prior_probe_rate"]["value"] == probe["rate_with_trigger"]
     assert targets["prior_probe_lift"]["met"] == (probe["lift"] >= 2)
+    # the CLI measures the same probe on the saved folder and records it in a report's figures
+    import json
+
+    from world.prior_probe import main as probe_main
+
+    path = tmp_path / "base" / "base_report.json"
+    saved = json.loads(path.read_text())
+    del saved["figures"]["prior_probe"], saved["figures"]["targets"]["prior_probe_rate"]
+    path.write_text(json.dumps(saved))
+    again = probe_main(["--world", str(uncertain_world), "--model", str(tmp_path / "base"), "--into", str(path)])
+    assert {k: v for k, v in again.items() if k != "samples"} == {k: v for k, v in probe.items() if k != "samples"}
+    figures = json.loads(path.read_text())["figures"]
+    assert figures["prior_probe"]["pairs"] == probe["pairs"] and "prior_probe_rate" in figures["targets"]
