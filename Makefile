@@ -56,10 +56,10 @@ mine: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## The whole mining chain -> prefer
 
 WORLD_DIR = $(or $(MISP_DATA_ROOT),data)/world/$(or $(MISP_WORLD_PRESET),default)-seed$(or $(MISP_WORLD_SEED),0)
 
-base: $(STAMP)  ## Train the world base VLM once (reused) into <data root>/models/base; needs the world (make world)
+base: $(STAMP)  ## Build the world base VLM once (reused) into <data root>/models/base (+ models/base-encoder for `prior`)
 	@test -f $(WORLD_DIR)/world.json || $(MAKE) world
 	$(PY) -m trainer.base_model --world $(WORLD_DIR) --out $(or $(MISP_DATA_ROOT),data)/models/base \
-		--preset $(if $(filter tiny,$(MISP_WORLD_PRESET)),tiny,default)
+		--preset $(if $(filter tiny prior prior_tiny,$(MISP_WORLD_PRESET)),$(MISP_WORLD_PRESET),default)
 
 train: $(STAMP)  ## Train the `misp` preset on the mined shards (configs/world.yaml; TRAIN_ARGS="--max_steps 50")
 	@test -f $(or $(MISP_DATA_ROOT),data)/shards/manifest.json || (echo "no shards yet: run 'make mine' first" && exit 1)

@@ -14,7 +14,7 @@ import re
 from typing import Any, Sequence
 
 from world.grammar import ParsedCaption
-from world.scene import ObjectSpec, Scene
+from world.scene import ObjectSpec, Scene, is_uncertain
 
 # ---------------------------------------------------------------------------------------------- yes/no answers
 ANSWER_RULES = ("first_word", "pope")
@@ -187,9 +187,59 @@ def prior_hallucinations(scenes: Sequence[Scene], captions: Sequence[ParsedCapti
         eligible += bool(partners)
         hit_captions += k > 0
     mentions = sum(len(c.objects) for c in captions)
-    return {"pairs": [list(p) for p in pairs], "attribute": attribute, "mentions": prior,
+    split = visible_uncertain_prior(scenes, captions, pairs) if attribute == "colour" else {}
+    return {**split, "pairs": [list(p) for p in pairs], "attribute": attribute, "mentions": prior,
             "chair_i": _ratio(prior, mentions) if pairs else 0.0,
             "eligible_captions": eligible, "captions": hit_captions, "rate": _ratio(hit_captions, eligible),
             "share": _ratio(prior, halluc) if pairs else 0.0,
             "chance_mentions": chance if universe is not None else None,
             "lift": _ratio(prior, chance) if universe is not None and pairs else None}
+
+
+def visible_uncertain_prior(scenes: Sequence[Scene], captions: Sequence[ParsedCaption],
+                            pairs: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """A colour prior's hallucinations split by what the partner would replace (worlds with `uncertain_p` > 0).
+
+    A mention is read against the object in its cell. `visible`: a visible (coloured) object named a partner
+    colour while the scene shows its trigger and no partner: the prior overriding a colour the model can see.
+    `uncertain`: a hidden (grey) object named the partner colour while the scene shows the trigger: the prior
+    filling in what the pixels leave open (the chosen answer names it grey). Per part: eligible captions,
+    captions with such a mention and their rate. For `uncertain` also `rate_without_trigger`, the share of hidden
+    objects named a partner colour in scenes that do not show that partner's trigger, and
+    `conditional_lift` = rate per hidden object with the trigger / rate without: how much the trigger drives it."""
+    pairs = [tuple(p) for p in pairs]
+    out = {"visible": {"eligible_captions": 0, "captions": 0}, "uncertain": {"eligible_captions": 0, "captions": 0}}
+    with_t = [0, 0]  # hidden objects in triggered scenes: named the partner, total
+    without_t = [0, 0]
+    for scene, cap in zip(scenes, captions):
+        visible = {o.colour for o in scene.objects if not is_uncertain(o)}
+        said = {}
+        for m in cap.objects:
+            said.setdefault(m.position, m)
+        live = [(t, p) for t, p in pairs if t in visible and p not in visible]
+        partners = {p for _, p in live}
+        hidden = [o for o in scene.objects if is_uncertain(o)]
+        shown = [o for o in scene.objects if not is_uncertain(o)]
+        if live:
+            out["visible"]["eligible_captions"] += 1
+            out["visible"]["captions"] += any(o.colour != t and getattr(said.get(o.position), "colour", None) == p
+                                              for t, p in live for o in shown)
+        if live and hidden:
+            out["uncertain"]["eligible_captions"] += 1
+            out["uncertain"]["captions"] += any(getattr(said.get(o.position), "colour", None) in partners
+                                                for o in hidden)
+        for t, p in pairs:
+            bucket = with_t if (t, p) in live else without_t if t not in visible else None
+            if bucket is None:
+                continue
+            for o in hidden:
+                bucket[0] += getattr(said.get(o.position), "colour", None) == p
+                bucket[1] += 1
+    for part in out.values():
+        part["rate"] = _ratio(part["captions"], part["eligible_captions"])
+    unc = out["uncertain"]
+    unc["rate_with_trigger"] = _ratio(*with_t)
+    unc["rate_without_trigger"] = _ratio(*without_t)
+    unc["conditional_lift"] = (_ratio(unc["rate_with_trigger"], unc["rate_without_trigger"])
+                               if unc["rate_with_trigger"] is not None and unc["rate_without_trigger"] else None)
+    return out

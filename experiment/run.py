@@ -172,6 +172,17 @@ def prepare_base(ctx: Context) -> dict[str, Any]:
     return report.to_dict()
 
 
+def describe_base(config: dict[str, Any]) -> str:
+    """How the base model was built, in words, from its report's config."""
+    st = config.get("staged")
+    if not st:
+        return f"{config['steps']} SFT steps"
+    tune = f", then {st['tune_steps']} tuning steps on its top {st['tune_layers']} layers" if st["tune_steps"] else ""
+    return (f"built like LLaVA: a vision encoder trained on the ground truth ({st['encoder']['steps']} steps, frozen), "
+            f"{st['slot_steps']} language-model steps reading slots on the text corpus, {st['projector_steps']} "
+            f"projector-only steps{tune}")
+
+
 # ---------------------------------------------------------------------------------------------- runs
 def _slug(cond: Condition) -> str:
     if cond.preset is None:
@@ -338,15 +349,13 @@ def preamble(cfg: ExperimentConfig, base: dict[str, Any], ctx: Context, total: f
         "",
         "**Setup.** World preset `{p}`: {n_pool} pool / {n_train} train / {n_test} test scenes of {size} px, "
         "shapes {shapes}, colours {colours}; {attr} co-occurrence pairs {pairs} (trigger -> partner) at p = {tp} "
-        "in the {n_text}-caption text corpus, p = {ip} in the image data, none in the test split. Base model `{bp}`: {text_steps} language-pretraining "
-        "steps on the text corpus, then {steps} image fine-tuning steps; its caption accuracy: colour {colour:.1%}, "
+        "in the {n_text}-caption text corpus, p = {ip} in the image data, none in the test split. Base model `{bp}`: {recipe}; its caption accuracy: colour {colour:.1%}, "
         "position {position:.1%}, count {count:.1%}, shape {shape:.1%} (chance {chance:.0%}).".format(
             p=cfg.world_preset, n_pool=w.n_pool, n_train=w.n_train, n_test=w.n_test, shapes=", ".join(w.shapes),
             size=w.image_size, colours=", ".join(w.colours), attr=w.cooccur_attribute,
             position=cap.get("position", float("nan")), chance=1 / len(w.shapes),
             pairs=", ".join(f"{a} -> {b}" for a, b in w.cooccur_pairs), tp=w.text_cooccur_p, n_text=w.n_text,
-            ip=w.cooccur_p, bp=cfg.base_preset, text_steps=base["config"]["text_steps"],
-            steps=base["config"]["steps"], shape=cap.get("shape", float("nan")),
+            ip=w.cooccur_p, bp=cfg.base_preset, recipe=describe_base(base["config"]), shape=cap.get("shape", float("nan")),
             colour=cap.get("colour", float("nan")), count=cap.get("count", float("nan"))),
         "",
         f"**Budget.** Every trained condition: {cfg.steps} steps x {cfg.batch_size} examples, lr {cfg.lr}, the same "

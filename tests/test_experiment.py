@@ -69,7 +69,7 @@ def test_text_corpus_settings_are_validated():
 
 def test_language_pretraining_learns_the_corpus_before_images(prior_world, tmp_path):
     report = train_base_model(prior_world, tmp_path / "base", BASE_PRESETS["prior_tiny"], progress=False)
-    assert len(report.text_losses) == BASE_PRESETS["prior_tiny"].text_steps
+    assert len(report.text_losses) == BASE_PRESETS["prior_tiny"].staged.slot_steps
     assert report.text_losses[-1] < report.text_losses[0]
     assert report.train_rows["texts"] == preset("prior_tiny").n_text
 

@@ -36,6 +36,7 @@ from trainer.model_loading import encode_batch, greedy_generate
 from trainer.world_vlm import WorldVLMConfig, build_model, build_processor, build_tokenizer, num_parameters, \
     unused_parameters
 from world import grammar
+from world.base_recipe import RECIPE_PRESETS, RecipeConfig
 from world.generate import TEXTS, read_scenes
 from world.scene import Scene
 from world.truth import judge
@@ -53,10 +54,10 @@ class BaseModelConfig:
 
     arch: WorldVLMConfig = field(default_factory=WorldVLMConfig)
     """The world VLM's architecture."""
-    text_steps: int = 0
-    """Language pretraining steps before any image is seen: captions of the world's text corpus
-    (`texts.parquet`, `WorldConfig.n_text`) after a blank image, so the model learns the caption distribution
-    with its co-occurrence prior alone (the language-prior regime; docs/experiment.md). 0: none."""
+    staged: RecipeConfig | None = None
+    """Build the model stage by stage like LLaVA (`world.base_recipe`: a vision encoder trained on the ground
+    truth, a language model that reads slots, projector alignment, a short tuning) instead of one SFT run; the
+    language-prior regime (docs/base_model.md). None: plain SFT (`steps`, `qa_fraction`, `lr`, `warmup_steps`)."""
     steps: int = 900
     """Optimiser steps (900 at batch 32: ~6 min on 2 idle cores; count, colour, size, position ~95%+, shape
     near chance: the base model hallucinates shapes)."""
@@ -89,8 +90,15 @@ class BaseModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.arch, dict):
             object.__setattr__(self, "arch", WorldVLMConfig(**self.arch))
-        if self.text_steps < 0:
-            raise ValueError(f"text_steps={self.text_steps} must be >= 0")
+        if isinstance(self.staged, dict):
+            object.__setattr__(self, "staged", RecipeConfig(**self.staged))
+        if self.staged is not None:
+            e, a = self.staged.encoder, self.arch
+            if (e.image_size, e.patch_size, e.width, e.layers, e.heads) != (
+                    a.image_size, a.patch_size, a.vision_width, a.vision_layers, a.vision_heads):
+                raise ValueError("staged.encoder must build the VLM's vision tower: its image_size, patch_size, "
+                                 "width, layers and heads must equal arch's image_size, patch_size, vision_width, "
+                                 "vision_layers and vision_heads")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps ({self.steps}) and batch_size ({self.batch_size}) must be >= 1")
         if not 0 <= self.qa_fraction <= 1:
@@ -100,7 +108,10 @@ class BaseModelConfig:
                              "tokens and a prompt; raise it")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["staged"] is None:  # plain SFT configs keep the fingerprints they had before `staged` existed
+            del d["staged"]
+        return d
 
 
 BASE_PRESETS: dict[str, BaseModelConfig] = {
@@ -110,17 +121,16 @@ BASE_PRESETS: dict[str, BaseModelConfig] = {
                             text_heads=2, text_intermediate=128),
         steps=12, batch_size=8, lr=3e-3, warmup_steps=2, eval_size=24, eval_batch_size=24, max_new_tokens=48),
     "default": BaseModelConfig(),
-    # The language-prior regime (world preset `prior`): 9 image tokens (48 px, one 16-px patch per cell), a
-    # language pretraining on the text corpus, then an image fine-tuning stopped while colour is half learned and
-    # the text prior still shows (docs/experiment.md has the sweep that chose 500 steps).
+    # The language-prior regime (world preset `prior`): 9 image tokens (48 px, one 16-px patch per cell), built
+    # stage by stage like LLaVA (world.base_recipe; docs/base_model.md): it sees, and defers to its text prior
+    # where the pixels leave a colour open.
     "prior": BaseModelConfig(
-        arch=WorldVLMConfig(image_size=48, patch_size=16, max_positions=96), text_steps=600, steps=500,
-        max_length=80,
-        warmup_steps=20, eval_size=600),
+        arch=WorldVLMConfig(image_size=48, patch_size=16, max_positions=96), staged=RECIPE_PRESETS["prior"],
+        max_length=80, eval_size=600),
 }
 BASE_PRESETS["prior_tiny"] = dataclasses.replace(
     BASE_PRESETS["tiny"], arch=dataclasses.replace(BASE_PRESETS["tiny"].arch, image_size=48, patch_size=16,
-                                                   max_positions=96), text_steps=6, max_length=80)
+                                                   max_positions=96), staged=RECIPE_PRESETS["tiny"], max_length=80)
 
 
 @dataclass
@@ -152,8 +162,17 @@ class BaseReport:
     """A few test answers next to the truth, for a look."""
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     text_losses: list[float] = dataclasses.field(default_factory=list)
-    """Losses of the language pretraining steps (empty without `text_steps`)."""
+    """Losses of the language model's slot-reading stage (staged recipe; empty for plain SFT)."""
     seconds_text: float = 0.0
+    encoder: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The vision encoder's report (staged recipe): folder and probe accuracies on held-out scenes."""
+    stages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """Per stage of the staged recipe: steps, parameters trained, seconds, final loss."""
+    figures_before_tune: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The same figures after the projector stage, when a tuning stage follows (its trade-off)."""
+    figures: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The issue-15 target figures on the test split (`world.base_targets`; staged recipe): `targets` (value,
+    target, met), per-object accuracy on visible and hidden objects, the prior split, CHAIR, POPE."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -301,29 +320,6 @@ def sft_steps(model, processor, world_dir: Path, cfg: BaseModelConfig, steps: in
                      progress)
 
 
-def text_corpus_captions(world_dir: Path) -> list[str]:
-    path = Path(world_dir) / TEXTS
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: text_steps > 0 needs a world generated with n_text > 0 "
-                                "(e.g. world preset `prior`)")
-    return pl.read_parquet(path)["caption"].to_list()
-
-
-def text_pretrain_steps(model, processor, world_dir: Path, cfg: BaseModelConfig, progress: bool = True) -> list[float]:
-    """Language pretraining: `cfg.text_steps` steps on the text corpus's captions, each after one blank
-    (mid-grey) image. The image tokens then carry nothing, so what the model learns is the captions'
-    distribution alone, co-occurrence prior included: the stand-in for a VLM's text-pretrained language model."""
-    captions = text_corpus_captions(Path(world_dir))
-    blank = np.full((cfg.arch.image_size, cfg.arch.image_size, 3), 128, dtype=np.uint8)
-    sampler = BatchSampler(0, len(captions), cfg.batch_size, 0.0, cfg.seed + 1)
-
-    def next_rows():
-        _, idx = sampler.next()
-        return [blank] * len(idx), [grammar.DESCRIBE_PROMPT] * len(idx), [captions[i] for i in idx]
-
-    return _optimise(model, processor, cfg.text_steps, cfg, next_rows, "language pretraining", progress)
-
-
 # ---------------------------------------------------------------------------------------------- evaluation
 def caption_scores(scene: Scene, text: str) -> dict[str, float | None]:
     """Per-attribute correctness of one generated caption, 1.0/0.0 (None where undefined).
@@ -435,14 +431,20 @@ def train_base_model(world_dir: str | Path, out_dir: str | Path, cfg: BaseModelC
     model, processor = build_world_vlm(world_dir, cfg)
     model.to(device)
     qa, caps = sft_rows(world_dir)
-    t_text = time.perf_counter()
-    text_losses = text_pretrain_steps(model, processor, world_dir, cfg, progress) if cfg.text_steps else []
-    seconds_text = time.perf_counter() - t_text
+    extra: dict[str, Any] = {}
     t0 = time.perf_counter()
-    losses = sft_steps(model, processor, world_dir, cfg, progress=progress)
+    if cfg.staged is None:
+        losses = sft_steps(model, processor, world_dir, cfg, progress=progress)
+    else:
+        losses, extra = _staged(model, processor, world_dir, out_dir, cfg, progress)
     seconds_train = time.perf_counter() - t0
     t1 = time.perf_counter()
     ev = evaluate(model, processor, world_dir, cfg, progress=progress)
+    if cfg.staged is not None:
+        from world.base_targets import measure
+        from world.encoder import world_config
+
+        extra["figures"] = measure(model, processor, world_dir, world_config(world_dir))
     seconds_eval = time.perf_counter() - t1
     out_dir.mkdir(parents=True, exist_ok=True)
     model.cpu().save_pretrained(out_dir)
@@ -450,11 +452,10 @@ def train_base_model(world_dir: str | Path, out_dir: str | Path, cfg: BaseModelC
     report = BaseReport(
         folder=str(out_dir), trained=True, config=cfg.to_dict(), world_fingerprint=world_fp, fingerprint=fp,
         num_parameters=num_parameters(model), num_image_tokens=cfg.arch.num_image_tokens,
-        train_rows={"qa": qa.height, "captions": caps.height,
-                    "texts": len(text_corpus_captions(world_dir)) if cfg.text_steps else 0},
-        seconds_train=seconds_train, text_losses=text_losses, seconds_text=seconds_text,
-        seconds_eval=seconds_eval, steps_per_second=len(losses) / seconds_train,
-        final_loss=float(np.mean(losses[-20:])), losses=losses, **ev,
+        train_rows={"qa": qa.height, "captions": caps.height, "texts": extra.pop("texts", 0)},
+        seconds_train=seconds_train, seconds_eval=seconds_eval,
+        steps_per_second=len(losses) / seconds_train if losses else 0.0,
+        final_loss=float(np.mean(losses[-20:])) if losses else float("nan"), losses=losses, **ev, **extra,
         versions={"base": str(BASE_VERSION), "schema": str(SCHEMA_VERSION), "transformers": transformers.__version__,
                   "torch": torch.__version__},
     )
@@ -462,13 +463,49 @@ def train_base_model(world_dir: str | Path, out_dir: str | Path, cfg: BaseModelC
     return report
 
 
+def encoder_dir_for(out_dir: Path) -> Path:
+    """Where the staged recipe keeps the vision encoder of the base model in `out_dir`: a sibling folder
+    (`models/base` -> `models/base-encoder`), its own artifact, reused by every base model built on it."""
+    return out_dir.parent / f"{out_dir.name}-encoder"
+
+
+def _staged(model, processor, world_dir: Path, out_dir: Path, cfg: BaseModelConfig,
+            progress: bool) -> tuple[list[float], dict[str, Any]]:
+    """Run `world.base_recipe` on `model`; (the last stage's losses, the report's encoder/stages fields)."""
+    from world.base_recipe import build_staged
+    from world.encoder import world_config
+
+    from world.base_targets import measure
+
+    world = world_config(world_dir)
+    before_tune: dict[str, Any] = {}
+
+    def after_stage(stage: str) -> None:  # the trade-off of the tuning stage: the targets before it, too
+        if stage == "projector" and cfg.staged.tune_steps:
+            before_tune.update(measure(model, processor, world_dir, world))
+
+    enc, logs = build_staged(model, processor, world_dir, world, cfg.staged,
+                             encoder_dir=encoder_dir_for(out_dir), batch_size=cfg.batch_size,
+                             max_length=cfg.max_length, seed=cfg.seed, progress=progress, after_stage=after_stage)
+    slots = next(log for log in logs if log.stage == "slots")
+    last = [log for log in logs if log.losses][-1] if any(log.losses for log in logs) else logs[-1]
+    return last.losses, {"encoder": enc, "figures_before_tune": before_tune, "text_losses": slots.losses, "seconds_text": slots.seconds,
+                         "texts": pl.scan_parquet(Path(world_dir) / TEXTS).select(pl.len()).collect().item(),
+                         "stages": [{k: v for k, v in log._asdict().items() if k != "losses"} | {
+                             "losses": log.losses[::max(1, len(log.losses) // 50)]} for log in logs]}
+
+
 def format_report(report: BaseReport) -> str:
     lines = [f"base VLM {report.folder}: {report.num_parameters / 1e6:.2f} M parameters, "
              f"{'trained' if report.trained else 'reused'}, {report.seconds_train:.0f} s train "
              f"({report.steps_per_second:.2f} steps/s), final loss {report.final_loss:.3f}"]
-    if report.text_losses:
-        lines.append(f"  language pretraining: {len(report.text_losses)} steps, {report.seconds_text:.0f} s, "
-                     f"final loss {np.mean(report.text_losses[-20:]):.3f}")
+    if report.encoder:
+        acc = report.encoder["probe_accuracy"]
+        lines.append(f"  encoder probe (held-out cells): " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
+    for st in report.stages:
+        loss = "-" if st["final_loss"] is None else f"{st['final_loss']:.3f}"
+        lines.append(f"  stage {st['stage']:<9} {st['steps']:>5} steps, {st['trainable'] / 1e6:.2f} M trained, "
+                     f"{st['seconds']:.0f} s, final loss {loss}")
     lines += [f"  {k:<10} accuracy {v:6.1%}  (n={report.n_by_kind[k]})" for k, v in report.accuracy_by_kind.items()]
     if report.caption:
         c = report.caption
@@ -476,6 +513,10 @@ def format_report(report: BaseReport) -> str:
         lines.append(f"  captions: exact {c['exact_match']:.1%}, {attrs}, wrong mentions {c['mention_error_rate']:.1%}")
         if "shape_small" in c:
             lines.append(f"  caption shape by size: small {c['shape_small']:.1%}, large {c['shape_large']:.1%}")
+    if report.figures:
+        from world.base_targets import format_targets
+
+        lines.append(format_targets(report.figures))
     return "\n".join(lines)
 
 

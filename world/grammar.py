@@ -102,7 +102,7 @@ def _match_object(toks: list[str], i: int) -> tuple[ObjectSpec, int, list[str]] 
     if j < len(toks) and toks[j] in _ARTICLES:
         j += 1
     size = colour = None
-    while j < len(toks) and (toks[j] in vocab.SIZES or toks[j] in vocab.COLOURS):
+    while j < len(toks) and (toks[j] in vocab.SIZES or toks[j] in vocab.COLOUR_WORDS):
         slot = "size" if toks[j] in vocab.SIZES else "colour"
         if (size if slot == "size" else colour) is not None:
             issues.append(f"second {slot} {toks[j]!r} in one mention")
@@ -259,7 +259,7 @@ def parse_attribute_answer(text: str) -> AttributeAnswer:
     pos = _match_position(rest, 0)
     if pos is not None:
         return AttributeAnswer(subject, pos[0])
-    words = [t for t in rest if t in vocab.COLOURS or t in vocab.SIZES]
+    words = [t for t in rest if t in vocab.COLOUR_WORDS or t in vocab.SIZES]
     return AttributeAnswer(subject, words[0] if words else None)
 
 

@@ -54,6 +54,20 @@ def _identify(scene: Scene, i: int, exclude: str) -> ObjectSpec | None:
     return None
 
 
+def prior_targets(scene: Scene, cfg: WorldConfig) -> list[tuple[int, str]]:
+    """(object index, partner colour) pairs a colour prior would hallucinate: the scene shows a trigger colour,
+    lacks its partner, and the object is not that trigger; hidden (grey) objects first, as they are where the
+    prior has nothing visible to contradict it. Only in worlds with visual uncertainty (`uncertain_p` > 0) and a
+    colour prior, so that older worlds draw exactly the answers they always did."""
+    if cfg.uncertain_p <= 0 or cfg.cooccur_attribute != "colour" or not cfg.cooccur_pairs:
+        return []
+    colours = scene.colours
+    out = [(i, partner) for trigger, partner in cfg.cooccur_pairs if trigger in colours and partner not in colours
+           for i, o in enumerate(scene.objects) if o.colour != trigger]
+    hidden = [(i, c) for i, c in out if scene.objects[i].colour == vocab.UNCERTAIN_COLOUR]
+    return hidden or out
+
+
 # ------------------------------------------------------------------------------------------------ describe
 def _describe(scene: Scene, cfg: WorldConfig, rng: np.random.Generator) -> Example | None:
     objs, free = list(scene.objects), scene.free_cells()
@@ -72,8 +86,14 @@ def _describe(scene: Scene, cfg: WorldConfig, rng: np.random.Generator) -> Examp
         detail = f"object: {o.shape}->{new} on object {i + 1} ({o.position})"
     elif etype == "attribute":
         if rng.random() < 0.5:
-            new = _pick(rng, [c for c in cfg.colours if c != o.colour])
-            objs[i], detail = o.with_(colour=new), f"colour: {o.colour}->{new} on object {i + 1}"
+            prior = prior_targets(scene, cfg)
+            if prior:  # the hallucination the text prior drives: the absent partner's colour
+                i, new = _pick(rng, prior)
+                o = objs[i]
+                objs[i], detail = o.with_(colour=new), f"colour: {o.colour}->{new} on object {i + 1} (prior partner)"
+            else:
+                new = _pick(rng, [c for c in cfg.colours if c != o.colour])
+                objs[i], detail = o.with_(colour=new), f"colour: {o.colour}->{new} on object {i + 1}"
         else:
             new = "small" if o.size == "large" else "large"
             objs[i], detail = o.with_(size=new), f"size: {o.size}->{new} on object {i + 1}"

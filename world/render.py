@@ -108,7 +108,7 @@ def draw(scene: Scene, cfg: WorldConfig, rng: np.random.Generator | None = None)
         u = ((np.arange(x0, x1) + 0.5 - cx) / r)[None, :]  # (1, w): masks broadcast to (h, w)
         v = ((np.arange(y0, y1) + 0.5 - cy) / r)[:, None]  # (h, 1)
         mask = SHAPE_MASKS[obj.shape](u, v)  # (h, w): every mask combines u and v
-        img[y0:y1, x0:x1][mask] = np.array(vocab.COLOURS[obj.colour], dtype=np.int16) + shift[k]
+        img[y0:y1, x0:x1][mask] = np.array(vocab.PIXEL_COLOURS[obj.colour], dtype=np.int16) + shift[k]
     if rng is not None and cfg.pixel_noise > 0:
         img += np.rint(rng.normal(0.0, cfg.pixel_noise, size=img.shape)).astype(np.int16)
     return np.clip(img, 0, 255).astype(np.uint8)

@@ -11,8 +11,11 @@ from world import vocab
 from world.config import WorldConfig
 from world.render import draw  # the only module that knows pixels
 
-SPLIT_CODE: dict[str, int] = {"pool": 0, "train": 1, "test": 2, "text": 3}
-"""Seed stream of each split; `text` is the caption-only corpus (`WorldConfig.n_text`)."""
+SPLIT_CODE: dict[str, int] = {"pool": 0, "train": 1, "test": 2, "text": 3, "encoder": 4}
+"""Seed stream of each split; `text` is the caption-only corpus (`WorldConfig.n_text`), `encoder` the extra
+scenes the world vision encoder trains on (`world.encoder`; rendered in memory, never written)."""
+IMAGE_SPLITS: tuple[str, ...] = ("pool", "train", "test", "encoder")
+"""Splits whose scenes are drawn as images: visual uncertainty (`WorldConfig.uncertain_p`) applies to them."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class Scene:
         for o in objs:
             if not o.is_complete:
                 raise ValueError(f"scene object {o} has unset fields; every scene object needs all four")
-            if o.shape not in vocab.SHAPES or o.colour not in vocab.COLOURS or o.size not in vocab.SIZES \
+            if o.shape not in vocab.SHAPES or o.colour not in vocab.COLOUR_WORDS or o.size not in vocab.SIZES \
                     or o.position not in vocab.CELL:
                 raise ValueError(f"scene object {o} uses a word outside world.vocab")
         if len({o.position for o in objs}) != len(objs):
@@ -119,7 +122,20 @@ def sample_scene(cfg: WorldConfig, rng: np.random.Generator, split: str = "pool"
     p = cfg.text_cooccur_p if split == "text" else (cfg.cooccur_p if split in cfg.cooccur_splits else 0.0)
     if cfg.cooccur_pairs and p > 0:
         objs = _apply_cooccurrence(cfg, rng, objs, p)
+    if cfg.uncertain_p > 0 and split in IMAGE_SPLITS:
+        objs = hide_colours(objs, rng.random(len(objs)) < cfg.uncertain_p)
     return Scene(objects=tuple(objs), background=background)
+
+
+def hide_colours(objs: list[ObjectSpec], hidden: np.ndarray) -> list[ObjectSpec]:
+    """The objects as the pixels show them: each one flagged in `hidden` becomes `vocab.UNCERTAIN_COLOUR`, so its
+    true colour is gone from the truth, the captions and every answer as it is from the image."""
+    return [o.with_(colour=vocab.UNCERTAIN_COLOUR) if h else o for o, h in zip(objs, hidden)]
+
+
+def is_uncertain(obj: ObjectSpec) -> bool:
+    """True for an object drawn hidden (`WorldConfig.uncertain_p`): its colour cannot be read from the image."""
+    return obj.colour == vocab.UNCERTAIN_COLOUR
 
 
 def _apply_cooccurrence(cfg: WorldConfig, rng: np.random.Generator, objs: list[ObjectSpec],

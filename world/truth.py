@@ -100,7 +100,7 @@ def _judge_attribute(scene: Scene, q: g.Question, answer: str) -> Verdict:
     obj = scene.objects[hits[0]]
     value = g.parse_attribute_answer(answer).value
     truth = getattr(obj, q.attribute)
-    allowed = {"colour": vocab.COLOURS, "size": vocab.SIZES, "position": vocab.CELL}[q.attribute]
+    allowed = {"colour": vocab.COLOUR_WORDS, "size": vocab.SIZES, "position": vocab.CELL}[q.attribute]
     if value not in allowed:
         return Verdict(False, "unparsed", f"no {q.attribute} in {answer!r}")
     if value == truth:

@@ -2,7 +2,8 @@
 
 The grammar and the parser work over this whole library, not over one config's subset, so that a caption
 from any world (or a model's invented mention of a shape its world never showed) parses the same way.
-Category words are disjoint (no colour is also a background), which is what makes parsing unambiguous.
+Category words are disjoint except `grey` (a background and the look of a hidden object), which the parser
+tells apart by the word `background` that closes a context clause.
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "pink": (250, 130, 195),
     "brown": (140, 85, 35),
 }
+# What a hidden object looks like (`WorldConfig.uncertain_p`): a dull grey, not a colour an object is drawn from,
+# so it is not in COLOURS (a config's palette). It shares its word with the `grey` background; the parser tells
+# them apart by the word `background` that closes a context clause.
+UNCERTAIN_COLOUR = "grey"
+PIXEL_COLOURS: dict[str, tuple[int, int, int]] = {**COLOURS, UNCERTAIN_COLOUR: (165, 165, 165)}
+"""Every colour an object can be drawn in: the palette and the hidden look."""
+COLOUR_WORDS: tuple[str, ...] = tuple(PIXEL_COLOURS)
+"""Every colour word a caption may say of an object."""
 DEFAULT_COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange", "white")
 
 # Rendered by `world.render`; the first five are the default set (look-alikes at small size: circle,

@@ -1,0 +1,356 @@
+"""The world base VLM built stage by stage like LLaVA, into a stock HF LLaVA folder (the `prior` base preset).
+
+    encoder    a CLIP vision tower trained on the ground truth (`world.encoder`), its own artifact, then frozen;
+    slots      the language model pretrained on the text corpus, reading its image slots: each of the 9 image
+               positions holds the word embeddings of its cell (size + colour + shape, or the background word);
+               a colour is dropped with `colour_drop_p` (the caption names it) or the object is hidden with
+               `hidden_p` (colour dropped, the caption says grey), and all slots are blanked with `blank_p`, so
+               the model learns to copy what the slots say, and to fill a missing colour with grey or, where the
+               corpus's co-occurrence prior says so, with the partner. A share `qa_fraction` of rows are
+               POPE-style yes/no questions on the slots;
+    projector  the projector alone (tower and language model frozen) learns to map the tower's cell features to
+               what the language model reads, on the pool's captions and yes/no questions;
+    tune       optionally, `tune_steps` steps on captions and questions with only the top `tune_layers` language
+               layers (and the output head) trainable: the short tuning that teaches yes/no without rewriting
+               the whole language model.
+
+Each stage trains exactly `stage_trainable(model, stage)`; everything else keeps its bits (tests check that).
+Why a slot-reading language model: a text-only language model with only the projector trained cannot learn to
+read image tokens, and unfreezing it erases the prior before it sees (docs/base_model.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from trainer.model_loading import encode_batch, image_token_id_of
+from world import grammar, vocab
+from world.encoder import EncoderConfig, ENCODER_PRESETS
+from world.generate import TEXTS, read_scenes
+from world.scene import ObjectSpec, Scene
+
+STAGES: tuple[str, ...] = ("slots", "projector", "tune")
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """Budgets of the stages after the encoder (the language model's architecture is `BaseModelConfig.arch`)."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """The vision encoder's architecture and budget (its width / depth must match the VLM's vision tower)."""
+    slot_steps: int = 600
+    """Language-model steps on the text corpus with slot descriptors."""
+    slot_lr: float = 1e-3
+    """Peak learning rate of the slot stage."""
+    colour_drop_p: float = 0.3
+    """Probability that an object's colour is left out of its slot (the caption still names it)."""
+    blank_p: float = 0.15
+    """Probability that every slot of a row is blank (zeros): pure language modelling."""
+    hidden_p: float = 0.15
+    """Probability that a text object is hidden, as images hide objects: its slot loses the colour (like
+    `colour_drop_p`) and the caption names it grey (`vocab.UNCERTAIN_COLOUR`). A colourless slot then means "grey"
+    or "some colour the text prior knows", so the model says grey unless the prior says otherwise: where a trigger
+    is in view it names the partner (the hallucination), elsewhere grey."""
+    qa_fraction: float = 0.5
+    """Share of the rows of the slot, projector and tune stages that are yes/no questions (the rest captions)."""
+    projector_steps: int = 300
+    """Projector-only steps on pool images."""
+    projector_lr: float = 1e-3
+    """Peak learning rate of the projector stage."""
+    tune_steps: int = 0
+    """Steps of the final tuning (0: none)."""
+    tune_layers: int = 1
+    """Top language-model layers trainable in the tuning stage (with the final norm and the output head)."""
+    tune_lr: float = 3e-4
+    """Peak learning rate of the tuning stage."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.encoder, dict):
+            object.__setattr__(self, "encoder", EncoderConfig(**self.encoder))
+        for name in ("colour_drop_p", "blank_p", "hidden_p", "qa_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a probability in [0, 1]")
+        if min(self.slot_steps, self.projector_steps, self.tune_steps) < 0 or self.projector_steps < 1:
+            raise ValueError("stage steps must be >= 0, and projector_steps >= 1 (the projector starts random)")
+        if self.tune_layers < 1:
+            raise ValueError(f"tune_layers={self.tune_layers} must be >= 1")
+
+
+RECIPE_PRESETS: dict[str, RecipeConfig] = {
+    "prior": RecipeConfig(encoder=ENCODER_PRESETS["prior"], tune_steps=200, tune_layers=2),
+    "tiny": RecipeConfig(encoder=ENCODER_PRESETS["tiny"], slot_steps=8, projector_steps=6, tune_steps=3),
+}
+
+
+# ---------------------------------------------------------------------------------------------- what trains
+def stage_trainable(model, stage: str) -> list[str]:
+    """Names of the parameters `stage` trains: `slots` the language model (embeddings, layers, head), `projector`
+    the projector, `tune` the top `tune_layers` layers, the final norm and the head. The tower never trains here."""
+    names = [n for n, _ in model.named_parameters()]
+    if stage == "slots":
+        return [n for n in names if ".language_model." in n or n.startswith("lm_head")]
+    if stage == "projector":
+        return [n for n in names if ".multi_modal_projector." in n]
+    raise ValueError(f"stage {stage!r}: use stage_trainable for slots/projector, tune_trainable for tune")
+
+
+def tune_trainable(model, layers: int) -> list[str]:
+    n_layers = model.config.text_config.num_hidden_layers
+    if layers > n_layers:
+        raise ValueError(f"tune_layers={layers} but the language model has {n_layers} layers")
+    top = {f".language_model.layers.{i}." for i in range(n_layers - layers, n_layers)}
+    return [n for n, _ in model.named_parameters()
+            if any(t in n for t in top) or ".language_model.norm." in n or n.startswith("lm_head")]
+
+
+def set_trainable(model, names: Sequence[str]) -> None:
+    keep = set(names)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in keep)
+
+
+# ---------------------------------------------------------------------------------------------- rows
+class Row(NamedTuple):
+    prompt: str
+    answer: str
+
+
+def yesno_row(scene: Scene, shapes: Sequence[str], colours: Sequence[str], rng: np.random.Generator) -> Row:
+    """A POPE-style question on `scene`: half the time a present (shape, colour), else a random absent one."""
+    present = sorted({(o.shape, o.colour) for o in scene.objects})
+    if rng.random() < 0.5:
+        key, yes = present[int(rng.integers(len(present)))], True
+    else:
+        absent = [(s, c) for s in shapes for c in colours if (s, c) not in set(present)]
+        key, yes = absent[int(rng.integers(len(absent)))], False
+    spec = ObjectSpec(key[0], key[1])
+    return Row(grammar.yesno_prompt(spec), grammar.yesno_answer(yes, spec))
+
+
+def text_scenes(world_dir: Path) -> list[Scene]:
+    """The text corpus's scenes, read back from its captions (the world's grammar parses its own text exactly)."""
+    path = Path(world_dir) / TEXTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the staged base recipe needs a world generated with n_text > 0 "
+                                "(e.g. world preset `prior`)")
+    out = []
+    for cap in pl.read_parquet(path)["caption"].to_list():
+        parsed = grammar.parse_caption(cap)
+        out.append(Scene(objects=tuple(parsed.objects), background=parsed.background))
+    return out
+
+
+class SlotBatch(NamedTuple):
+    words: torch.Tensor
+    """(B, 9, 3) token ids per slot: size, colour, shape (or the background word alone); pad where unused."""
+    mask: torch.Tensor
+    """(B, 9, 3) 1.0 where a word is in the slot."""
+
+
+def slot_words(scene: Scene, tokenizer, drop: np.ndarray, blank: bool) -> tuple[list, list]:
+    """Word ids and mask of one scene's 9 slots. `drop[k]`: object k's colour is left out."""
+    ids = [[tokenizer.pad_token_id] * 3 for _ in range(9)]
+    mask = [[0.0] * 3 for _ in range(9)]
+    if blank:
+        return ids, mask
+    for cell in range(9):
+        ids[cell][0], mask[cell][0] = tokenizer.convert_tokens_to_ids(scene.background), 1.0
+    for k, o in enumerate(scene.objects):
+        cell = vocab.POSITIONS.index(o.position)
+        words = (o.size, None if drop[k] else o.colour, o.shape)
+        ids[cell] = [tokenizer.convert_tokens_to_ids(w) if w else tokenizer.pad_token_id for w in words]
+        mask[cell] = [1.0 if w else 0.0 for w in words]
+    return ids, mask
+
+
+def slot_embeddings(model, batch: SlotBatch) -> torch.Tensor:
+    """(B, 9, width): the sum of each slot's word embeddings (zeros for a blank slot)."""
+    emb = model.get_input_embeddings()(batch.words)
+    return (emb * batch.mask.unsqueeze(-1).to(emb.dtype)).sum(2)
+
+
+def slot_loss(model, processor, slots: SlotBatch, rows: Sequence[Row], max_length: int, blank_image) -> torch.Tensor:
+    """Answer-token loss of `rows` with the image tokens replaced by slot embeddings (no pixels involved)."""
+    device = next(model.parameters()).device
+    batch = encode_batch(processor, [blank_image] * len(rows), [r.prompt for r in rows], [r.answer for r in rows],
+                         max_length=max_length).to(device)
+    embeds = model.get_input_embeddings()(batch.input_ids)
+    is_image = batch.input_ids == image_token_id_of(processor)
+    desc = slot_embeddings(model, SlotBatch(slots.words.to(device), slots.mask.to(device)))
+    embeds = embeds.masked_scatter(is_image.unsqueeze(-1), desc.to(embeds.dtype))
+    return model(inputs_embeds=embeds, attention_mask=batch.attention_mask, labels=batch.labels, use_cache=False).loss
+
+
+def image_loss(model, processor, images, rows: Sequence[Row], max_length: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    batch = encode_batch(processor, images, [r.prompt for r in rows], [r.answer for r in rows],
+                         max_length=max_length).to(device)
+    return model(**batch.model_inputs(), labels=batch.labels, use_cache=False).loss
+
+
+# ---------------------------------------------------------------------------------------------- optimisation
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    warmup = min(warmup, steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def run_stage(model, trainable: Sequence[str], steps: int, lr: float, loss_of_step: Callable[[int], torch.Tensor],
+              desc: str, progress: bool, warmup: int = 20, weight_decay: float = 0.01) -> list[float]:
+    """`steps` AdamW steps on the parameters named `trainable` (all others frozen); returns every step's loss."""
+    set_trainable(model, trainable)
+    params = [p for p in model.parameters() if p.requires_grad]
+    named = dict(model.named_parameters())
+    decay = [named[n] for n in trainable if named[n].ndim >= 2 and "embed" not in n]
+    rest = [named[n] for n in trainable if not (named[n].ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup)
+        loss = loss_of_step(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+    bar.close()
+    model.eval()
+    set_trainable(model, [])
+    return losses
+
+
+class StageData(NamedTuple):
+    """What the stages draw their rows from."""
+
+    text: list[Scene]
+    """Text-corpus scenes (slot stage)."""
+    pool_images: list[np.ndarray]
+    pool_scenes: list[Scene]
+    shapes: tuple[str, ...]
+    colours: tuple[str, ...]
+    """The world's colours (what a negative question may ask about)."""
+
+
+def load_stage_data(world_dir: Path, world) -> StageData:
+    from trainer.base_model import load_images
+
+    df = pl.read_parquet(Path(world_dir) / "scenes.parquet").filter(pl.col("split") == "pool")
+    scenes = read_scenes(world_dir, "pool")
+    images = load_images(Path(world_dir), df["image"].to_list())
+    return StageData(text_scenes(world_dir), [images[p] for p in df["image"].to_list()],
+                     [scenes[s] for s in df["scene_id"].to_list()], world.shapes, world.colours)
+
+
+def slot_step_fn(model, processor, data: StageData, cfg: RecipeConfig, batch_size: int, max_length: int, seed: int,
+                 image_size: int) -> Callable[[int], torch.Tensor]:
+    tok = processor.tokenizer
+    blank_image = np.full((image_size, image_size, 3), 128, dtype=np.uint8)
+    rng = np.random.default_rng([seed, 11])
+
+    def step(_: int) -> torch.Tensor:
+        idx = rng.integers(len(data.text), size=batch_size)
+        words, masks, rows = [], [], []
+        for i in idx:
+            scene = data.text[int(i)]
+            n = len(scene.objects)
+            u = rng.random(n)
+            hidden = u < cfg.hidden_p
+            drop, blank = u < cfg.hidden_p + cfg.colour_drop_p, rng.random() < cfg.blank_p  # hidden: dropped too
+            shown = scene.replace_objects(o.with_(colour=vocab.UNCERTAIN_COLOUR) if h else o
+                                          for o, h in zip(scene.objects, hidden))
+            w, m = slot_words(scene, tok, drop, blank)
+            words.append(w), masks.append(m)
+            rows.append(yesno_row(shown, data.shapes, data.colours, rng) if rng.random() < cfg.qa_fraction
+                        else Row(grammar.DESCRIBE_PROMPT, grammar.caption(shown)))
+        slots = SlotBatch(torch.tensor(words), torch.tensor(masks))
+        return slot_loss(model, processor, slots, rows, max_length, blank_image)
+
+    return step
+
+
+def image_step_fn(model, processor, data: StageData, cfg: RecipeConfig, batch_size: int, max_length: int,
+                  seed: int) -> Callable[[int], torch.Tensor]:
+    rng = np.random.default_rng([seed, 12])
+
+    def step(_: int) -> torch.Tensor:
+        idx = rng.integers(len(data.pool_scenes), size=batch_size)
+        rows = [yesno_row(data.pool_scenes[i], data.shapes, data.colours, rng) if rng.random() < cfg.qa_fraction
+                else Row(grammar.DESCRIBE_PROMPT, grammar.caption(data.pool_scenes[i])) for i in idx]
+        return image_loss(model, processor, [data.pool_images[i] for i in idx], rows, max_length)
+
+    return step
+
+
+class StageLog(NamedTuple):
+    stage: str
+    steps: int
+    trainable: int
+    """Parameters trained."""
+    seconds: float
+    final_loss: float | None
+    losses: list[float]
+
+
+def build_staged(model, processor, world_dir: Path, world, cfg: RecipeConfig, *, encoder_dir: Path, batch_size: int,
+                 max_length: int, seed: int, progress: bool = True,
+                 after_stage: Callable[[str], None] | None = None) -> tuple[dict[str, Any], list[StageLog]]:
+    """Run encoder, slots, projector and tune on `model` in place; `after_stage(name)` is called after each stage
+    that ran. Returns (the encoder's report, stage logs)."""
+    from world.encoder import load_encoder, train_encoder
+
+    data = load_stage_data(world_dir, world)  # first: a world without a text corpus fails before any training
+    image_size = model.config.vision_config.image_size
+    encoder: dict[str, Any] = {}
+
+    def load_tower() -> None:  # the slot stage reads no pixels: the encoder is needed from the projector on
+        encoder.update(train_encoder(world_dir, encoder_dir, cfg.encoder, progress=progress).to_dict())
+        model.model.vision_tower.load_state_dict(load_encoder(encoder_dir).state_dict())  # strict: same shapes
+
+    plan = [
+        ("slots", stage_trainable(model, "slots"), cfg.slot_steps, cfg.slot_lr,
+         slot_step_fn(model, processor, data, cfg, batch_size, max_length, seed, image_size)),
+        ("encoder", None, 0, 0.0, None),
+        ("projector", stage_trainable(model, "projector"), cfg.projector_steps, cfg.projector_lr,
+         image_step_fn(model, processor, data, cfg, batch_size, max_length, seed)),
+        ("tune", tune_trainable(model, cfg.tune_layers), cfg.tune_steps, cfg.tune_lr,
+         image_step_fn(model, processor, data, cfg, batch_size, max_length, seed + 1)),
+    ]
+    named = dict(model.named_parameters())
+    logs = []
+    for stage, names, steps, lr, fn in plan:
+        if stage == "encoder":
+            load_tower()
+            continue
+        t0 = time.perf_counter()
+        losses = run_stage(model, names, steps, lr, fn, f"base {stage}", progress) if steps else []
+        logs.append(StageLog(stage, steps, sum(named[n].numel() for n in names), time.perf_counter() - t0,
+                             float(np.mean(losses[-20:])) if losses else None, losses))
+        if steps and after_stage is not None:
+            after_stage(stage)
+    return encoder, logs
+
+
+def recipe_to_dict(cfg: RecipeConfig) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def replace(cfg: RecipeConfig, **changes: Any) -> RecipeConfig:
+    return dataclasses.replace(cfg, **changes)
