@@ -84,6 +84,9 @@ bench: $(STAMP)  ## Run the benchmarks serially (tables printed, JSON under repo
 	$(PY) bench/sae_score.py
 	$(PY) bench/mine.py
 	$(PY) bench/train.py
+	$(PY) bench/is_bias.py
+	$(PY) bench/world_gen.py
+	$(PY) bench/gpu.py
 
 clean-data:  ## Delete the data root and the Dagster instance (asks first)
 	@read -p "delete $(or $(MISP_DATA_ROOT),data) and $(DAGSTER_HOME)? [y/N] " ok && [ "$$ok" = y ] && \
