@@ -87,7 +87,11 @@ class RecipeConfig:
 
 
 RECIPE_PRESETS: dict[str, RecipeConfig] = {
-    "prior": RecipeConfig(encoder=ENCODER_PRESETS["prior"], tune_steps=200, tune_layers=2),
+    # Many more colour-dropped than hidden slots, so a colourless slot is filled from the text prior, and a short
+    # projector stage with no tuning: 100 more projector steps (or the 200-step top-layer tuning) erase the prior
+    # (docs/experiment.md, trade-off table: this point trades 2 points of visible colour for a measurable prior).
+    "prior": RecipeConfig(encoder=ENCODER_PRESETS["prior"], colour_drop_p=0.5, hidden_p=0.05, projector_steps=200,
+                          tune_steps=0, tune_layers=2),
     "tiny": RecipeConfig(encoder=ENCODER_PRESETS["tiny"], slot_steps=8, projector_steps=6, tune_steps=3),
 }
 
