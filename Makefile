@@ -58,7 +58,7 @@ WORLD_DIR = $(or $(MISP_DATA_ROOT),data)/world/$(or $(MISP_WORLD_PRESET),default
 
 base: $(STAMP)  ## Build the world base VLM once (reused) into <data root>/models/base (+ models/base-encoder for `prior`)
 	@test -f $(WORLD_DIR)/world.json || $(MAKE) world
-	$(PY) -m trainer.base_model --world $(WORLD_DIR) --out $(or $(MISP_DATA_ROOT),data)/models/base \
+	$(PY) -m world.base_model --world $(WORLD_DIR) --out $(or $(MISP_DATA_ROOT),data)/models/base \
 		--preset $(if $(filter tiny prior prior_tiny,$(MISP_WORLD_PRESET)),$(MISP_WORLD_PRESET),default)
 
 train: $(STAMP)  ## Train the `misp` preset on the mined shards (configs/world.yaml; TRAIN_ARGS="--max_steps 50")

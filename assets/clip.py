@@ -10,9 +10,9 @@ import polars as pl
 from assets.resources import ClipModel, DataRoot, DataSource
 from assets.source import source_data
 from pipeline.clip_encoder import ClipEncoder
-from pipeline.clip_train import WorldClipConfig, retrieval_from_embeddings, train_world_clip
-from pipeline.fingerprint import fingerprint, sha256_file
-from pipeline.parquet_io import write_json_atomic
+from world.clip import WorldClipConfig, retrieval_from_embeddings, train_world_clip
+from store.fingerprint import fingerprint, sha256_file
+from store.parquet_io import write_json_atomic
 
 # Training budget per world preset: seconds for tests, minutes for the demo.
 CLIP_PRESETS = {

@@ -18,10 +18,10 @@ from pipeline.checks import check_finite, check_not_collapsed, check_unique_keys
 from pipeline.clip_encoder import ClipEncoder, checkpoint_fingerprint
 from pipeline.embed import (pool_embedding_table, positive_embedding_table, prompt_embedding_table,
                            quarantine_non_finite)
-from pipeline.fingerprint import fingerprint, frame_fingerprint, text_id
-from pipeline.parquet_io import read_pair_if_current, write_pair
-from pipeline.safe_image import ImageOpener, ledger_file
-from pipeline.paths import shard_file
+from store.fingerprint import fingerprint, frame_fingerprint, text_id
+from store.parquet_io import read_pair_if_current, write_pair
+from store.safe_image import ImageOpener, ledger_file
+from store.paths import shard_file
 
 CHECKS = ("finite", "unit_norm", "one_row_per_input")
 IMAGE_CHECKS = CHECKS + ("not_collapsed",)

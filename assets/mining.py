@@ -17,10 +17,10 @@ from assets.resources import ClipModel, DataRoot, DataSource
 from assets.source import preference_examples
 from pipeline.checks import check_enough_candidates
 from pipeline.contact_sheet import contact_sheet
-from pipeline.fingerprint import fingerprint, sha256_file
+from store.fingerprint import fingerprint, sha256_file
 from pipeline.mine import MiningConfig, PoolTable, candidate_table, drop_unembedded, mine_shard
-from pipeline.parquet_io import is_current, read_metadata, write_bytes_atomic, write_parquet_atomic
-from pipeline.paths import shard_file
+from store.parquet_io import is_current, read_metadata, write_bytes_atomic, write_parquet_atomic
+from store.paths import shard_file
 from pipeline.retrieval import PoolIndex, build_index, recall_at_m
 from pipeline.shard_checks import SHARD_CHECK_NAMES, shard_checks
 from pipeline.sharding import shard_keys
@@ -222,7 +222,7 @@ def preference_shards(context: dg.AssetExecutionContext, config: MiningRunConfig
     write_bytes_atomic(sheet, root / "shards" / f"contact_sheet-shard={key}.png")
     meta["contact_sheet"] = _png_markdown(sheet)
     if stats is not None and source.kind == "world":
-        from pipeline.world_truth import error_type_report, scenes_by_path
+        from world.changes import error_type_report, scenes_by_path
 
         paths = {r: [[pool.paths[i] for i in rows] for rows in per_ex] for r, per_ex in stats.selected_rows.items()}
         report = error_type_report(table["image_path"].to_list(), paths, scenes_by_path(source.world_dir(root)))

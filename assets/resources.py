@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 
 from pipeline.clip_encoder import LOCAL_DIR, ClipSpec
-from pipeline.paths import data_root
+from store.paths import data_root
 
 SOURCE_KINDS = ("world", "files")
 

@@ -10,11 +10,11 @@ from assets.metadata import counts_table, markdown_table, table_schema
 from assets.partitions import shard_index, shard_partitions
 from assets.resources import DataRoot, DataSource
 from pipeline.column_mapping import ColumnMapping
-from pipeline.fingerprint import fingerprint, frame_fingerprint, sha256_file
+from store.fingerprint import fingerprint, frame_fingerprint, sha256_file
 from pipeline.ingest import IngestLimits, IngestResult, NoUsableRowsError, ingest_examples, ingest_pool
-from pipeline.parquet_io import is_current, read_metadata, read_pair_if_current, write_pair, write_parquet_atomic
-from pipeline.safe_image import ledger_changes, ledger_file, ledger_frame
-from pipeline.paths import shard_file
+from store.parquet_io import is_current, read_metadata, read_pair_if_current, write_pair, write_parquet_atomic
+from store.safe_image import ledger_changes, ledger_file, ledger_frame
+from store.paths import shard_file
 from world import PRESETS, generate_world
 
 
@@ -62,7 +62,7 @@ def _ingest_metadata(result, out_path) -> dict:
 def _ingest_or_reuse(context, fp: str, out, qout, ledger_path, limits: IngestLimits, run) -> IngestResult:
     """Run the ingest unless its outputs were written from the same inputs (resume). "Same inputs" covers the
     manifest or listing (in `fp`) and every image file the shard checked: the ledger's stamps (size, mtime,
-    ctime, inode), re-hashing a file only where its stamp changed (`pipeline.safe_image.ledger_changes`)."""
+    ctime, inode), re-hashing a file only where its stamp changed (`store.safe_image.ledger_changes`)."""
     pair = read_pair_if_current(out, qout, fp)
     if pair is not None and pair[0].height and is_current(ledger_path, fp):
         changes = ledger_changes(pl.read_parquet(ledger_path), max_bytes=limits.max_file_bytes)

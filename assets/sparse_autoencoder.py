@@ -11,14 +11,14 @@ from assets.metadata import markdown_table
 from assets.mining import _all_shards, candidates, load_pool_table
 from assets.resources import DataRoot, DataSource
 from pipeline.checks import check_sae_fvu, check_sae_live_latents
-from pipeline.fingerprint import fingerprint
+from store.fingerprint import fingerprint
 from pipeline.mine import training_pairs
-from pipeline.parquet_io import read_metadata, write_json_atomic, write_parquet_atomic
-from pipeline.paths import shard_file
+from store.parquet_io import read_metadata, write_json_atomic, write_parquet_atomic
+from store.paths import shard_file
 from pipeline.sharding import shard_keys
-from pipeline.world_truth import scenes_by_path
+from world.changes import ATTRIBUTES, change_labels, scenes_by_path
 from sae import SaeConfig, SparseAutoencoder, TrainConfig, encode_all, train_sae
-from sae.interpret import ATTRIBUTES, change_labels, latent_table, usage_histogram
+from sae.interpret import latent_table, usage_histogram
 
 
 class SaeTrainingConfig(dg.Config):

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from pipeline.clip_encoder import ClipEncoder, ClipSpec
-from pipeline.clip_train import WorldClipConfig, save_world_clip
+from world.clip import WorldClipConfig, save_world_clip
 
 
 def make_images(folder: Path, n: int, size: int = 64) -> list[Path]:

@@ -445,7 +445,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "gpu-smoke.json" if args.smoke
                                            else REPO / "reports" / "bench" / "gpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    from pipeline.parquet_io import write_json_atomic
+    from store.parquet_io import write_json_atomic
 
     write_json_atomic(report, out)
     print(f"wrote {out} ({report['total_seconds']:.0f} s)")

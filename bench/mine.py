@@ -58,7 +58,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.parquet_io import write_json_atomic  # noqa: E402
+from store.parquet_io import write_json_atomic  # noqa: E402
 from pipeline.retrieval import KINDS, build_index, recall_at_m, retrieve_candidates  # noqa: E402
 from pipeline.selection import select_batch  # noqa: E402
 from sae import SaeConfig, SparseAutoencoder  # noqa: E402

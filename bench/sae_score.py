@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.parquet_io import write_json_atomic  # noqa: E402
+from store.parquet_io import write_json_atomic  # noqa: E402
 from sae import SaeConfig, SparseAutoencoder, TrainConfig, train_sae  # noqa: E402
 from sae.autoencoder import library_versions  # noqa: E402
 from sae.dense_reference import dense_score_candidates  # noqa: E402

@@ -80,7 +80,7 @@ sys.path.insert(0, str(REPO))
 
 from accelerate import Accelerator  # noqa: E402
 
-from pipeline.parquet_io import write_json_atomic  # noqa: E402
+from store.parquet_io import write_json_atomic  # noqa: E402
 from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.model_loading import format_prompt, load_vlm  # noqa: E402
 from trainer.proposal import LearnedProposal  # noqa: E402
@@ -126,7 +126,7 @@ def ensure_data(root: Path) -> Path:
 
 def ensure_model(root: Path, manifest: dict, arch: str) -> Path:
     """A randomly initialised world VLM (`arch`: a BASE_PRESETS architecture) saved with its processor."""
-    from trainer.base_model import BASE_PRESETS, build_world_vlm
+    from world.base_model import BASE_PRESETS, build_world_vlm
 
     folder = root / "models" / f"bench-{arch}-random"
     if (folder / "config.json").is_file():

@@ -45,10 +45,10 @@ from eval.metrics import ANSWER_RULES, LEVELS, chair_metrics, pope_metrics, prio
     resolve_answer
 from eval.pope_reader import read_pope
 from eval.pope_world import PROBE_LEVELS, SETTINGS, build_probes, object_stats
-from pipeline import SCHEMA_VERSION
-from pipeline.fingerprint import sha256_file
-from pipeline.parquet_io import write_bytes_atomic, write_json_atomic
-from pipeline.paths import data_root
+from store import SCHEMA_VERSION
+from store.fingerprint import sha256_file
+from store.parquet_io import write_bytes_atomic, write_json_atomic
+from store.paths import data_root
 from trainer.model_loading import DTYPES, greedy_generate, load_vlm
 from world import grammar
 from world.generate import scene_from_row
@@ -197,7 +197,7 @@ def pope_sources(files: Sequence[str | os.PathLike], image_dir: str | os.PathLik
 # ---------------------------------------------------------------------------------------------- generation
 @lru_cache(maxsize=256)  # questions come grouped by image; a small cache suffices
 def _load_image(path: str) -> Image.Image:
-    from pipeline.safe_image import open_ingested  # regular file, size limit, allowed decoders, EXIF-upright
+    from store.safe_image import open_ingested  # regular file, size limit, allowed decoders, EXIF-upright
 
     return open_ingested(path).convert("RGB")
 

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import polars as pl
 
-from pipeline.parquet_io import write_bytes_atomic
+from store.parquet_io import write_bytes_atomic
 
 DEFAULT_METRICS: tuple[str, ...] = (
     "chair_i_object", "chair_s_object", "chair_i_colour", "chair_i_shape", "recall_object", "recall_colour",

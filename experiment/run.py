@@ -29,9 +29,9 @@ from typing import Any, Sequence
 
 from experiment.conditions import BASELINE, CONTROL, MAIN, SHARD_SETS, Condition, ablations, train_overrides
 from experiment.report import format_console, write_report
-from pipeline.fingerprint import fingerprint, sha256_file
-from pipeline.parquet_io import write_bytes_atomic, write_json_atomic
-from pipeline.paths import data_root
+from store.fingerprint import fingerprint, sha256_file
+from store.parquet_io import write_bytes_atomic, write_json_atomic
+from store.paths import data_root
 
 RECORD_VERSION = 1
 """Bump when a change to the runner makes the same condition train differently."""
@@ -46,7 +46,7 @@ class ExperimentConfig:
     world_preset: str = "prior"
     """Scene world preset (world.PRESETS); `prior` is the language-prior regime."""
     base_preset: str = "prior"
-    """Base model preset (trainer.base_model.BASE_PRESETS)."""
+    """Base model preset (world.base_model.BASE_PRESETS)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Training seeds: init of on-the-fly negatives and IS draws, and the batch order (shared by conditions)."""
     steps: int = 200
@@ -165,7 +165,7 @@ def prepare_shards(ctx: Context, needed: Sequence[str], instance=None) -> None:
 
 # ---------------------------------------------------------------------------------------------- base model
 def prepare_base(ctx: Context) -> dict[str, Any]:
-    from trainer.base_model import BASE_PRESETS, format_report, train_base_model
+    from world.base_model import BASE_PRESETS, format_report, train_base_model
 
     report = train_base_model(ctx.world_dir, ctx.base_dir, BASE_PRESETS[ctx.cfg.base_preset], progress=ctx.progress)
     print(format_report(report), flush=True)

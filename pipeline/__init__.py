@@ -1,3 +1,1 @@
 """Mining stages as plain functions: numpy / torch / polars in, files out. No Dagster imports here."""
-
-SCHEMA_VERSION = 1

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.fingerprint import fingerprint, sha256_file
+from store.fingerprint import fingerprint, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class ClipEncoder:
     def embed_images(self, paths: Sequence[str | Path], *, batch_size: int = 256, progress: bool = True,
                      desc: str = "embed images", open_image=None) -> np.ndarray:
         """L2-normalised image embeddings, float32 (N, D), in the order of `paths`. `open_image(path)`: how to
-        open one (the pipeline passes `pipeline.safe_image`'s checked, upright opener); default `Image.open`."""
+        open one (the pipeline passes `store.safe_image`'s checked, upright opener); default `Image.open`."""
         out = np.empty((len(paths), self.dim), dtype=np.float32)
         bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
         with torch.inference_mode():

@@ -10,7 +10,7 @@ import textwrap
 import polars as pl
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.safe_image import UnsafeImageError, open_ingested
+from store.safe_image import UnsafeImageError, open_ingested
 
 TILE = 128
 LABEL_H = 30
@@ -19,7 +19,7 @@ PROMPT_H = 16
 
 def _tile(path: str) -> Image.Image:
     try:
-        with open_ingested(path) as im:  # the checked, upright image (pipeline/safe_image.py)
+        with open_ingested(path) as im:  # the checked, upright image (store/safe_image.py)
             return im.convert("RGB").resize((TILE, TILE), Image.NEAREST if min(im.size) <= TILE else Image.BICUBIC)
     except (OSError, UnsafeImageError):  # deleted or changed since ingest: a grey tile, never the changed file
         return Image.new("RGB", (TILE, TILE), (128, 128, 128))

@@ -11,9 +11,9 @@ import numpy as np
 import polars as pl
 
 from pipeline.clip_encoder import ClipEncoder
-from pipeline.fingerprint import text_id
+from store.fingerprint import text_id
 from pipeline.ingest_schema import QUARANTINE_SCHEMA, raw_json
-from pipeline.safe_image import ImageOpener
+from store.safe_image import ImageOpener
 
 NON_FINITE = "non_finite_embedding"
 """Quarantine reason of a row whose embedding holds NaN or inf."""
@@ -39,7 +39,7 @@ def _with_embeddings(table: pl.DataFrame, matrix: np.ndarray, dim: int) -> pl.Da
 
 
 def _loader(opener: ImageOpener | None, paths: list[str], shas: list[str]):
-    """path -> upright image, each checked against the sha256 ingest recorded (`pipeline.safe_image`)."""
+    """path -> upright image, each checked against the sha256 ingest recorded (`store.safe_image`)."""
     opener = opener or ImageOpener({})
     expected = dict(zip(paths, shas))
     return lambda path: opener(str(path), expected.get(str(path)))

@@ -15,11 +15,8 @@ from typing import NamedTuple
 
 from PIL import Image, ImageFile
 
-from pipeline.ingest_schema import IngestLimits
+from store.image_policy import DECODE_FORMATS, IngestLimits, decode_formats
 
-# Formats we let PIL try. Restricting them keeps PIL's rarer decoders (EPS through Ghostscript, PSD, ...) away
-# from untrusted files; every extension the pool lists maps to one of these (MPO is multi-frame JPEG from cameras).
-DECODE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "DIB", "GIF", "TIFF")
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -38,12 +35,6 @@ class ImageProblem(NamedTuple):
 
     reason: str
     detail: str
-
-
-def decode_formats() -> list[str]:
-    """DECODE_FORMATS that this Pillow registers (newer Pillow opens MPO through its JPEG plugin)."""
-    Image.init()
-    return [f for f in DECODE_FORMATS if f in Image.OPEN]
 
 
 def _fmt_mb(n: int) -> str:

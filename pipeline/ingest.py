@@ -35,9 +35,9 @@ from pipeline.ingest_schema import (
     raw_json,
     short_text,
 )
-from pipeline.parquet_io import write_parquet_atomic
-from pipeline.paths import DATA_ROOT_ENV, data_root, shard_file
-from pipeline.safe_image import ledger_file, ledger_frame, ledger_row, stamp
+from store.parquet_io import write_parquet_atomic
+from store.paths import DATA_ROOT_ENV, data_root, shard_file
+from store.safe_image import ledger_file, ledger_frame, ledger_row, stamp
 from pipeline.sharding import shard_of
 
 __all__ = [

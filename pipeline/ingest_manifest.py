@@ -17,8 +17,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.parquet_io import write_bytes_atomic
-from pipeline.safe_files import NotRegularFileError, bounded_reader, open_regular
+from store.parquet_io import write_bytes_atomic
+from store.safe_files import NotRegularFileError, bounded_reader, open_regular
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")

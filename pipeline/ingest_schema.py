@@ -9,6 +9,8 @@ from typing import Any, NamedTuple
 
 import polars as pl
 
+from store.image_policy import IngestLimits  # noqa: F401 - ingest's config, defined with the opener that enforces it
+
 # Every reason a row can be quarantined for, in the order the checks run. docs/data.md lists the same set.
 REASONS: tuple[str, ...] = (
     "malformed_row",
@@ -64,30 +66,6 @@ EXAMPLE_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-@dataclass(frozen=True)
-class IngestLimits:
-    """What ingest accepts. Rows beyond a limit are quarantined with the reason named in each field's note."""
-
-    max_pixels: int = 50_000_000
-    """Largest width*height, read from the header before decoding (`image_too_large`): stops decompression bombs."""
-    min_side: int = 8
-    """Smallest accepted min(width, height) (`image_too_small`): thumbnails and 1x1 tracking pixels carry no content."""
-    max_text_chars: int = 8192
-    """Longest prompt or response, in characters (`text_too_long`)."""
-    max_file_bytes: int = 200 * 1024 * 1024
-    """Largest image file in bytes (`image_too_large`); each file is read into memory once to hash and decode it."""
-    max_id_chars: int = 512
-    """Longest example id, in characters (`text_too_long`): ids are keys in every table, log line and cache."""
-    max_row_bytes: int = 64 * 1024 * 1024
-    """Longest JSON Lines line in bytes (`malformed_row`); a longer line is skipped without being held in memory."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_pixels", "min_side", "max_text_chars", "max_file_bytes", "max_id_chars", "max_row_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"IngestLimits.{name}={value!r}: must be a positive integer")
-
-
 class IngestResult(NamedTuple):
     """Validated rows of one shard, its quarantine, and how many input rows the shard was given."""
 
@@ -97,7 +75,7 @@ class IngestResult(NamedTuple):
     notes: tuple[str, ...] = ()
     """Things the run did that a user should know (ids derived, columns renamed or dropped)."""
     images: pl.DataFrame | None = None
-    """The image ledger of the shard (`pipeline.safe_image.LEDGER_SCHEMA`): every image file checked, with its
+    """The image ledger of the shard (`store.safe_image.LEDGER_SCHEMA`): every image file checked, with its
     stamp and sha256, so that readers can verify what they open and reruns can tell whether images changed."""
 
     def counts(self) -> dict[str, int]:

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.embed import embedding_matrix
-from pipeline.fingerprint import text_id
+from store.fingerprint import text_id
 from pipeline.retrieval import PoolIndex, retrieve_candidates
 from pipeline.selection import NEIGHBOUR_RULES, RULES, select_batch, select_from_gallery
 

@@ -7,8 +7,8 @@ import sys
 
 import polars as pl
 
-from pipeline.parquet_io import read_metadata
-from pipeline.paths import data_root
+from store.parquet_io import read_metadata
+from store.paths import data_root
 
 
 def summarise(root) -> pl.DataFrame:

@@ -294,7 +294,7 @@ class SparseAutoencoder(nn.Module):
 
     def save(self, folder: str | Path) -> Path:
         """Write `sae.safetensors` + `cfg.json` (config, schema version, library versions) atomically."""
-        from pipeline.parquet_io import write_bytes_atomic
+        from store.parquet_io import write_bytes_atomic
 
         folder = Path(folder)
         tensors = {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}

@@ -2,8 +2,8 @@
 latents fire. Pure functions on arrays (numpy or torch) -> polars tables; no model, no I/O.
 
     codes = encode_all(sae, u, t)                                    # (N, k)
-    changed = change_labels(positive_scenes, candidate_scenes)       # (N, A) bool, A = len(ATTRIBUTES)
-    table = latent_table(codes, changed, ATTRIBUTES, ids=candidate_ids, kind=sae.cfg.kind)
+    changed = labels(...)                    # (N, A) bool: which attribute changed per pair (e.g. world.changes)
+    table = latent_table(codes, changed, attributes, ids=candidate_ids, kind=sae.cfg.kind)
 """
 
 from __future__ import annotations
@@ -15,10 +15,6 @@ import numpy as np
 import polars as pl
 
 from sae.autoencoder import SIGMOID_FIRE_THRESHOLD
-
-ATTRIBUTES = ("colour", "shape", "size", "count", "position", "context")
-"""Ground-truth changes between two scenes of the world (docs/data.md, scenes.parquet)."""
-
 
 def _codes(codes) -> np.ndarray:
     x = codes.detach().cpu().numpy() if hasattr(codes, "detach") else np.asarray(codes)
@@ -62,7 +58,7 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def attribute_association(codes, changed, attributes: Sequence[str] = ATTRIBUTES) -> pl.DataFrame:
+def attribute_association(codes, changed, attributes: Sequence[str]) -> pl.DataFrame:
     """How each latent's activation separates pairs where an attribute changed from pairs where it did not.
 
     codes (N, k), changed (N, A) bool. One row per (latent, attribute): auroc (P(activation on a changed pair >
@@ -129,7 +125,7 @@ def usage_histogram(codes, kind: str, edges: Sequence[float] = (1e-4, 1e-3, 1e-2
 
 
 def latent_table(
-    codes, changed, attributes: Sequence[str] = ATTRIBUTES, *, ids: Sequence | None = None, kind: str, n_top: int = 5
+    codes, changed, attributes: Sequence[str], *, ids: Sequence | None = None, kind: str, n_top: int = 5
 ) -> pl.DataFrame:
     """One row per latent: usage, the attribute it tracks best (highest AUROC; null for a latent whose activation
     is the same on every item), that AUROC and the means, and the ids of its top items. The table users read to
@@ -151,28 +147,3 @@ def latent_table(
         .otherwise(None)
         .alias("best_attribute")
     )
-
-
-def scene_changes(a: Mapping, b: Mapping) -> dict[str, bool]:
-    """Which attributes differ between two scenes (rows of scenes.parquet: `objects`, `background`).
-    Attributes of the objects compare as multisets, so a reordering is not a change."""
-
-    def multiset(scene: Mapping, key: str) -> Counter:
-        return Counter(str(obj[key]) for obj in scene["objects"])
-
-    return {
-        "colour": multiset(a, "colour") != multiset(b, "colour"),
-        "shape": multiset(a, "shape") != multiset(b, "shape"),
-        "size": multiset(a, "size") != multiset(b, "size"),
-        "count": len(a["objects"]) != len(b["objects"]),
-        "position": multiset(a, "position") != multiset(b, "position"),
-        "context": a["background"] != b["background"],
-    }
-
-
-def change_labels(positives: Sequence[Mapping], negatives: Sequence[Mapping]) -> np.ndarray:
-    """(N, len(ATTRIBUTES)) bool: attribute changes between each positive scene and its paired candidate scene."""
-    if len(positives) != len(negatives):
-        raise ValueError(f"{len(positives)} positive scenes but {len(negatives)} candidate scenes; pair them 1:1")
-    rows = [scene_changes(p, n) for p, n in zip(positives, negatives)]
-    return np.array([[row[a] for a in ATTRIBUTES] for row in rows], dtype=bool).reshape(len(rows), len(ATTRIBUTES))

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from assets.definitions import all_assets
 from assets.resources import ClipModel, DataRoot, DataSource
 from pipeline.checks import check_unique_keys
-from pipeline.clip_train import WorldClipConfig, save_world_clip
+from world.clip import WorldClipConfig, save_world_clip
 from pipeline.embed import NON_FINITE
 from pipeline.ingest_schema import QUARANTINE_SCHEMA
 from pipeline.sharding import shard_keys

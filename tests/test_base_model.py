@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.base_model import BASE_PRESETS, BaseModelConfig, build_world_vlm, caption_scores, main, \
+from world.base_model import BASE_PRESETS, BaseModelConfig, build_world_vlm, caption_scores, main, \
     sft_rows, sft_steps, train_base_model, load_images
 from trainer.model_loading import IGNORE_INDEX, encode_batch, format_prompt, greedy_generate, load_vlm, \
     response_logps, response_logps_from_model
-from trainer.world_vlm import IMAGE, unused_parameters
+from world.vlm import IMAGE, unused_parameters
 from world import PROMPT_KINDS, grammar
 from world.generate import read_scenes
 

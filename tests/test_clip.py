@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from pipeline.clip_encoder import ClipEncoder, ClipSpec, checkpoint_fingerprint
-from pipeline.clip_train import WorldClipConfig, _normalise, load_images_uint8, retrieval_from_embeddings, \
+from world.clip import WorldClipConfig, _normalise, load_images_uint8, retrieval_from_embeddings, \
     train_world_clip
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}

@@ -14,7 +14,7 @@ from eval.metrics import caption_stats, chair_metrics, parse_yes_no, pope_metric
 from eval.pope_reader import read_pope, setting_of
 from eval.pope_world import SETTINGS, build_probes, object_stats, scene_keys
 from eval.run import EvalConfig, answers_path, evaluate_model, format_table, main
-from trainer.base_model import BASE_PRESETS, train_base_model
+from world.base_model import BASE_PRESETS, train_base_model
 from world import grammar
 from world.generate import read_scenes
 from world.scene import ObjectSpec, Scene

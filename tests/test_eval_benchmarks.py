@@ -12,7 +12,7 @@ from eval.amber import AmberItem, discriminative_metrics, generative_metrics, re
 from eval.coco_chair import caption_objects, chair_scores, load_coco, read_synonyms, sample_images
 from eval.lexicon import singular, vocabulary_words
 from eval.run import answers_path, main
-from trainer.base_model import BASE_PRESETS, train_base_model
+from world.base_model import BASE_PRESETS, train_base_model
 
 
 # ---------------------------------------------------------------------------------------------- lexicon

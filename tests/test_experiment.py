@@ -13,7 +13,7 @@ import pytest
 from experiment.conditions import MAIN, ablations, train_overrides
 from experiment.report import load_records
 from experiment.run import QUICK, flatten_eval, plan, run_experiment
-from trainer.base_model import BASE_PRESETS, train_base_model
+from world.base_model import BASE_PRESETS, train_base_model
 from world import PRESETS, generate_world, preset
 from world.generate import read_scenes
 

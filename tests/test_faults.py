@@ -27,10 +27,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import pipeline.parquet_io as parquet_io
+import store.parquet_io as parquet_io
 from cli_runs import (REPO, assert_same_tables, cli_env, kill_group, pipeline_args, reference_run, run, run_until,
                       seed_root, tables)
-from pipeline.parquet_io import is_current, write_json_atomic, write_parquet_atomic
+from store.parquet_io import is_current, write_json_atomic, write_parquet_atomic
 from trainer.shards import load_shards
 
 TABLE_FOLDERS = ("ingest", "embeddings", "index", "mining", "models/sae", "shards")
@@ -97,7 +97,7 @@ def test_sigkill_mid_write_never_leaves_a_partial_file_under_the_final_name(tmp_
     path, n = tmp_path / "table.parquet", 2_000_000
     script = (
         "import sys, numpy as np, polars as pl\n"
-        "from pipeline.parquet_io import write_parquet_atomic\n"
+        "from store.parquet_io import write_parquet_atomic\n"
         "for v in range(1000):\n"
         f"    df = pl.DataFrame({{'version': np.full({n}, v), 'x': np.random.default_rng(v).random({n})}})\n"
         "    print('start', v, flush=True)\n"
@@ -215,7 +215,7 @@ def test_a_real_failed_write_leaves_the_previous_state_intact(tmp_path):
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     script = (
         "import resource, signal, sys, numpy as np, polars as pl\n"
-        "from pipeline.parquet_io import write_json_atomic, write_parquet_atomic\n"
+        "from store.parquet_io import write_json_atomic, write_parquet_atomic\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))\n"
         "big = pl.DataFrame({'x': np.random.default_rng(0).random(200_000)})\n"

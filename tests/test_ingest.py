@@ -21,7 +21,7 @@ from pipeline.column_mapping import PRESETS, ColumnMapping, derive_id, strip_lla
 from pipeline.image_checks import ImageInfo, ImageProblem, check_image
 from pipeline.ingest import ingest_examples, ingest_pool, write_result
 from pipeline.ingest_schema import EXAMPLE_SCHEMA, POOL_SCHEMA, QUARANTINE_SCHEMA, REASONS, IngestLimits
-from pipeline.parquet_io import read_metadata
+from store.parquet_io import read_metadata
 
 RNG = np.random.default_rng(0)
 

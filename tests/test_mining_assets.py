@@ -9,7 +9,7 @@ import polars as pl
 from PIL import Image
 
 from assets.definitions import all_assets
-from pipeline.fingerprint import sha256_file
+from store.fingerprint import sha256_file
 from pipeline.mine import NEGATIVE_LIST, POOL_LIST
 from pipeline.shard_checks import SHARD_CHECK_NAMES
 from pipeline.sharding import shard_keys

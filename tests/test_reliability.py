@@ -23,11 +23,11 @@ from PIL import Image
 
 from assets.definitions import all_assets
 from assets.resources import ClipModel, DataRoot, DataSource
-from pipeline.clip_train import WorldClipConfig, save_world_clip
+from world.clip import WorldClipConfig, save_world_clip
 from pipeline.ingest import IngestLimits, ingest_examples
-from pipeline.parquet_io import read_metadata
-from pipeline.safe_files import NotRegularFileError
-from pipeline.safe_image import ImageChangedError, UnsafeImageError, open_image
+from store.parquet_io import read_metadata
+from store.safe_files import NotRegularFileError
+from store.safe_image import ImageChangedError, UnsafeImageError, open_image
 from pipeline.sharding import shard_keys, shard_of
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200),
@@ -348,7 +348,7 @@ def test_exactly_one_good_example_names_the_sae_minimum_and_the_knob(tmp_path):
 
 def test_the_trainer_reads_only_what_ingest_recorded(tmp_path):
     """`trainer.rows.load_image` gets a path only: the ledger under the run's data root gives its sha256."""
-    from pipeline.paths import data_root
+    from store.paths import data_root
     from trainer.rows import load_image
 
     src = files_source(tmp_path, n=3)

@@ -3,16 +3,8 @@
 import numpy as np
 import pytest
 
-from sae.interpret import (
-    ATTRIBUTES,
-    attribute_association,
-    average_ranks,
-    change_labels,
-    latent_table,
-    scene_changes,
-    top_activating,
-    usage_histogram,
-)
+from sae.interpret import attribute_association, average_ranks, latent_table, top_activating, usage_histogram
+from world.changes import ATTRIBUTES, change_labels, scene_changes
 
 
 def planted(n=400, seed=0):
@@ -70,7 +62,7 @@ def test_top_activating_and_histogram():
 def test_attribute_association_refuses_misaligned_labels():
     codes, changed = planted()
     with pytest.raises(ValueError, match="changed has shape"):
-        attribute_association(codes, changed[:10])
+        attribute_association(codes, changed[:10], ATTRIBUTES)
 
 
 def test_scene_changes():

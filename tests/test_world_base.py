@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from eval.metrics import prior_hallucinations, visible_uncertain_prior
-from trainer.base_model import BASE_PRESETS, build_world_vlm
+from world.base_model import BASE_PRESETS, build_world_vlm
 from world import grammar, vocab
 from world.base_recipe import RECIPE_PRESETS, run_stage, slot_step_fn, image_step_fn, load_stage_data, \
     stage_trainable, tune_trainable
@@ -233,7 +233,7 @@ def test_probe_score_counts_the_partner_said_of_the_hidden_object_by_hand():
 
 
 def test_staged_report_records_the_prior_probe(uncertain_world, tmp_path):
-    from trainer.base_model import train_base_model
+    from world.base_model import train_base_model
 
     report = train_base_model(uncertain_world, tmp_path / "base", PRIOR_TINY, progress=False)
     probe = report.figures["prior_probe"]

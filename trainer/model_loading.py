@@ -2,7 +2,7 @@
 
 One path for every model: `AutoProcessor` + `AutoModelForImageTextToText`. Run here on tiny random-init
 checkpoints of LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM and PaliGemma
-(tests/test_families.py); the world VLM of `trainer.world_vlm` is a small LLaVA. What a trainer needs:
+(tests/test_families.py); the world VLM of `world.vlm` is a small LLaVA. What a trainer needs:
 
     model, processor = load_vlm("data/models/base")
     batch = encode_batch(processor, images, prompts, responses, max_length=512, example_ids=ids)

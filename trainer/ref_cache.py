@@ -15,8 +15,8 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.fingerprint import fingerprint, sha256_file
-from pipeline.parquet_io import write_parquet_atomic
+from store.fingerprint import fingerprint, sha256_file
+from store.parquet_io import write_parquet_atomic
 from trainer.model_loading import response_logps_from_model
 
 Key = tuple[str, str, str]

@@ -20,7 +20,7 @@ from trainer.model_loading import EncodedBatch, encode_batch
 
 @lru_cache(maxsize=4096)
 def load_image(path: str) -> Image.Image:
-    from pipeline.safe_image import open_ingested  # checked against ingest's record, EXIF-upright
+    from store.safe_image import open_ingested  # checked against ingest's record, EXIF-upright
 
     return open_ingested(path).convert("RGB")
 

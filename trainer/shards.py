@@ -7,7 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.fingerprint import sha256_file
+from store.fingerprint import sha256_file
 
 
 class CorruptShardError(ValueError):

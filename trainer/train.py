@@ -21,8 +21,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from pipeline.parquet_io import write_json_atomic
-from pipeline.paths import data_root
+from store.parquet_io import write_json_atomic
+from store.paths import data_root
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.losses import LossInputs, compute_loss, sample_from_proposal
@@ -53,7 +53,7 @@ def ensure_base_model(cfg: TrainConfig, paths: dict[str, Path], manifest: dict) 
     if source.get("kind") != "world":
         raise ValueError("no model configured and the shards are not from the scene world: set `model` to a local "
                          "VLM folder (save_pretrained), e.g. --model /models/llava-1.5-7b-hf")
-    from trainer.base_model import BASE_PRESETS, train_base_model
+    from world.base_model import BASE_PRESETS, train_base_model
 
     world = paths["root"] / "world" / f"{source['world_preset']}-seed{source['world_seed']}"
     preset = "tiny" if source["world_preset"] == "tiny" else "default"
@@ -240,7 +240,7 @@ class _null:
 def _check_rule(loss_cfg, table, shards_dir) -> None:
     if loss_cfg.image_negatives != "shard" or loss_cfg.shard_rule is None:
         return
-    from pipeline.parquet_io import read_metadata
+    from store.parquet_io import read_metadata
 
     files = sorted(Path(shards_dir).glob("shard=*.parquet"))
     rules = {(read_metadata(f).get("config") or {}).get("rule") for f in files}

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = preset(args.preset) if args.seed is None else preset(args.preset, seed=args.seed)
     if args.out is None:
-        from pipeline.paths import data_root
+        from store.paths import data_root
 
         out = data_root() / "world" / args.preset
     else:

@@ -254,7 +254,7 @@ class StageData(NamedTuple):
 
 
 def load_stage_data(world_dir: Path, world) -> StageData:
-    from trainer.base_model import load_images
+    from world.base_model import load_images
 
     df = pl.read_parquet(Path(world_dir) / "scenes.parquet").filter(pl.col("split") == "pool")
     scenes = read_scenes(world_dir, "pool")

@@ -59,7 +59,7 @@ def object_accuracy(scenes: Sequence[Scene], captions: Sequence[grammar.ParsedCa
 def measure(model, processor, world_dir: Path, world, *, pope_scenes: int = 300, batch_size: int = 128,
             progress: bool = False) -> dict[str, Any]:
     """Captions, CHAIR, prior and POPE of `model` on the world's test split; `targets` says which are met."""
-    from trainer.base_model import load_images
+    from world.base_model import load_images
 
     world_dir = Path(world_dir)
     df = pl.read_parquet(world_dir / "scenes.parquet").filter(pl.col("split") == "test").sort("scene_id")

@@ -76,7 +76,7 @@ class WorldConfig:
     a green one)."""
     n_text: int = 0
     """Captions of extra scenes written as text only (`texts.parquet`, no images): the corpus a language model
-    is pretrained on before it sees images (the language-prior regime; `trainer.base_model` `text_steps`)."""
+    is pretrained on before it sees images (the language-prior regime; `world.base_model` `text_steps`)."""
     text_cooccur_p: float = 0.0
     """Co-occurrence probability of `cooccur_pairs` in the text corpus (usually stronger than `cooccur_p`, as
     text priors are stronger than what the image fine-tuning data shows)."""

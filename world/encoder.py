@@ -30,8 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from pipeline.fingerprint import fingerprint, sha256_file
-from pipeline.parquet_io import write_json_atomic
+from store.fingerprint import fingerprint, sha256_file
+from store.parquet_io import write_json_atomic
 from world import vocab
 from world.config import WorldConfig
 from world.generate import build_scene, read_scenes, read_world_json
@@ -85,7 +85,7 @@ class EncoderConfig:
             raise ValueError("steps and batch_size must be >= 1 and extra_scenes >= 0")
 
     def vision_config(self) -> CLIPVisionConfig:
-        """The tower's config; `trainer.world_vlm.build_model` builds the same one from a `WorldVLMConfig`."""
+        """The tower's config; `world.vlm.build_model` builds the same one from a `WorldVLMConfig`."""
         return CLIPVisionConfig(hidden_size=self.width, intermediate_size=4 * self.width,
                                 num_hidden_layers=self.layers, num_attention_heads=self.heads,
                                 image_size=self.image_size, patch_size=self.patch_size, projection_dim=self.width)

@@ -16,8 +16,8 @@ import polars as pl
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline import SCHEMA_VERSION
-from pipeline.parquet_io import write_json_atomic, write_parquet_atomic
+from store import SCHEMA_VERSION
+from store.parquet_io import write_json_atomic, write_parquet_atomic
 from world import grammar
 from world.config import SPLITS, WORLD_VERSION, WorldConfig
 from world.preferences import Example, make_examples

@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import json
     from pathlib import Path
 
-    from pipeline.parquet_io import write_json_atomic
+    from store.parquet_io import write_json_atomic
     from trainer.model_loading import load_vlm
     from world.encoder import world_config
     from world.generate import read_scenes

@@ -21,7 +21,7 @@ def data_root(override: str | os.PathLike | None = None) -> Path:
 
 def last_data_root() -> Path | None:
     """The root the last `data_root()` call of this process returned: where readers that only have an image
-    path (the trainer, eval) look up what ingest recorded about it (`pipeline.safe_image.open_ingested`)."""
+    path (the trainer, eval) look up what ingest recorded about it (`store.safe_image.open_ingested`)."""
     return _last
 
 

@@ -35,9 +35,8 @@ from typing import Iterable, NamedTuple
 import polars as pl
 from PIL import Image, ImageFile, ImageOps
 
-from pipeline.image_checks import decode_formats
-from pipeline.ingest_schema import IngestLimits
-from pipeline.safe_files import NotRegularFileError, read_regular
+from store.image_policy import IngestLimits, decode_formats
+from store.safe_files import NotRegularFileError, read_regular
 
 LEDGER_SCHEMA: dict[str, pl.DataType] = {
     "path": pl.String,  # as readers are given it (pool `path`, examples `image_path`)
@@ -235,7 +234,7 @@ def _records(root: Path) -> dict[str, tuple[str, str]]:
 
 
 def _roots() -> list[Path]:
-    from pipeline.paths import DATA_ROOT_ENV, last_data_root
+    from store.paths import DATA_ROOT_ENV, last_data_root
 
     roots = list(_registered)
     for candidate in (last_data_root(), os.environ.get(DATA_ROOT_ENV) or "data"):
@@ -259,7 +258,7 @@ def recorded(path: str | os.PathLike) -> tuple[str, str] | None:
 
 def open_ingested(path: str | os.PathLike, limits: IngestLimits = IngestLimits()) -> Image.Image:
     """`open_image` for a reader that only has the path: the root and sha256 come from the ingest ledger
-    (`use_data_root`, the last `pipeline.paths.data_root()`, `$MISP_DATA_ROOT` or ./data). An image no ledger
+    (`use_data_root`, the last `store.paths.data_root()`, `$MISP_DATA_ROOT` or ./data). An image no ledger
     records (a benchmark's images) is still checked for type, size and format, and read upright."""
     record = recorded(path)
     if record is None:
@@ -270,7 +269,7 @@ def open_ingested(path: str | os.PathLike, limits: IngestLimits = IngestLimits()
 
 def ledger_file(root: Path, source: str, key: str) -> Path:
     """`<data root>/ledger/<source>-shard=NNN.parquet`: the image ledger of one ingest shard."""
-    from pipeline.paths import shard_file
+    from store.paths import shard_file
 
     return shard_file(Path(root) / "ledger", key, prefix=f"{source}-shard=")
 

@@ -10,7 +10,7 @@ from typing import Iterable
 
 import polars as pl
 
-from pipeline.safe_files import open_regular
+from store.safe_files import open_regular
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20, *, what: str = "file") -> str:

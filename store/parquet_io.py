@@ -11,7 +11,7 @@ from typing import Mapping
 import polars as pl
 import pyarrow.parquet as pq
 
-from pipeline import SCHEMA_VERSION
+from store import SCHEMA_VERSION
 
 META_PREFIX = "misp."
 

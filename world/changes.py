@@ -1,15 +1,45 @@
-"""Ground truth of the scene world for mined negatives: which facts a negative changes relative to its positive.
+"""Ground truth of the scene world for SAE latents and mined negatives: which facts a candidate changes relative
+to its positive.
 
 Only meaningful when the data source is the scene world; a user's data has no such labels."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import polars as pl
 
-from sae.interpret import scene_changes
+
+ATTRIBUTES = ("colour", "shape", "size", "count", "position", "context")
+"""Ground-truth changes between two scenes of the world (docs/data.md, scenes.parquet)."""
+
+
+def scene_changes(a: Mapping, b: Mapping) -> dict[str, bool]:
+    """Which attributes differ between two scenes (rows of scenes.parquet: `objects`, `background`).
+    Attributes of the objects compare as multisets, so a reordering is not a change."""
+
+    def multiset(scene: Mapping, key: str) -> Counter:
+        return Counter(str(obj[key]) for obj in scene["objects"])
+
+    return {
+        "colour": multiset(a, "colour") != multiset(b, "colour"),
+        "shape": multiset(a, "shape") != multiset(b, "shape"),
+        "size": multiset(a, "size") != multiset(b, "size"),
+        "count": len(a["objects"]) != len(b["objects"]),
+        "position": multiset(a, "position") != multiset(b, "position"),
+        "context": a["background"] != b["background"],
+    }
+
+
+def change_labels(positives: Sequence[Mapping], negatives: Sequence[Mapping]) -> np.ndarray:
+    """(N, len(ATTRIBUTES)) bool: attribute changes between each positive scene and its paired candidate scene."""
+    if len(positives) != len(negatives):
+        raise ValueError(f"{len(positives)} positive scenes but {len(negatives)} candidate scenes; pair them 1:1")
+    rows = [scene_changes(p, n) for p, n in zip(positives, negatives)]
+    return np.array([[row[a] for a in ATTRIBUTES] for row in rows], dtype=bool).reshape(len(rows), len(ATTRIBUTES))
 
 
 def scenes_by_path(world_dir: Path) -> dict[str, dict]:

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from pipeline.parquet_io import write_json_atomic
+from store.parquet_io import write_json_atomic
 
 # Normalisation of the world CLIP; written into preprocess_cfg so that embedding uses the same.
 MEAN = (0.5, 0.5, 0.5)

@@ -1,7 +1,7 @@
 """The default base model: the world VLM trained by supervised fine-tuning on the scene world.
 
-    python -m trainer.base_model --world data/world/default-seed0 --out data/models/base          # minutes
-    python -m trainer.base_model --world data/world/tiny-seed0 --out /tmp/base --preset tiny      # seconds
+    python -m world.base_model --world data/world/default-seed0 --out data/models/base          # minutes
+    python -m world.base_model --world data/world/tiny-seed0 --out /tmp/base --preset tiny      # seconds
 
 Data: the train split's preference examples (prompt -> chosen answer, every prompt kind) and the pool's
 captions ("Describe the image." -> caption); the loss is on answer tokens only (the end-of-sequence token
@@ -29,11 +29,11 @@ import transformers
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline import SCHEMA_VERSION
-from pipeline.fingerprint import fingerprint, sha256_file
-from pipeline.parquet_io import write_json_atomic
+from store import SCHEMA_VERSION
+from store.fingerprint import fingerprint, sha256_file
+from store.parquet_io import write_json_atomic
 from trainer.model_loading import encode_batch, greedy_generate
-from trainer.world_vlm import WorldVLMConfig, build_model, build_processor, build_tokenizer, num_parameters, \
+from world.vlm import WorldVLMConfig, build_model, build_processor, build_tokenizer, num_parameters, \
     unused_parameters
 from world import grammar
 from world.base_recipe import RECIPE_PRESETS, RecipeConfig
@@ -521,7 +521,7 @@ def format_report(report: BaseReport) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> BaseReport:
-    ap = argparse.ArgumentParser(prog="python -m trainer.base_model", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m world.base_model", description=__doc__.split("\n\n")[0])
     ap.add_argument("--world", required=True, help="a generated world folder (holds world.json)")
     ap.add_argument("--out", required=True, help="output folder (save_pretrained + base_report.json)")
     ap.add_argument("--preset", default="default", choices=sorted(BASE_PRESETS))
