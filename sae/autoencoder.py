@@ -197,7 +197,7 @@ class SparseAutoencoder(nn.Module):
         k = self.cfg.num_latents
         return latents @ self.W_dec.reshape(k, -1) + self.b_dec.reshape(-1)
 
-    def apply(self, u: Tensor, t: Tensor, wt: WeightTerms) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def pair_terms(self, u: Tensor, t: Tensor, wt: WeightTerms) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """pre-activations, codes, squared error (n,) and u^T Q of validated pairs (see `prepare`), given the
         weight terms (pass them in to compute the k x k Gram matrix once for many batches)."""
         s = self.cfg.input_scale
@@ -214,7 +214,7 @@ class SparseAutoencoder(nn.Module):
         cfg = self.cfg
         s = cfg.input_scale
         u, t = self.prepare(u, t)
-        pre, z, err, uQ = self.apply(u, t, self.weight_terms())
+        pre, z, err, uQ = self.pair_terms(u, t, self.weight_terms())
         tt = (t * t).sum(-1)
         # Batch total variance sum ||d - mean d||^2 through the Gram matrices of u and t (n^2 instead of n Dv Dt).
         d_sq = s**2 * (u * u).sum(-1) * tt

@@ -38,7 +38,7 @@ def evaluate(sae: SparseAutoencoder, u, t=None, *, batch_size: int = 1024) -> Ev
     wt = sae.weight_terms()
     codes, errors = [], []
     for i in range(0, u.shape[0], batch_size):
-        _, z, err, _ = sae.apply(u[i : i + batch_size], t[i : i + batch_size], wt)
+        _, z, err, _ = sae.pair_terms(u[i : i + batch_size], t[i : i + batch_size], wt)
         codes.append(z)
         errors.append(err)
     z = torch.cat(codes)

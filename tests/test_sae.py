@@ -254,3 +254,12 @@ def test_image_space_ignores_prompt():
     assert sae.W_enc.shape == (K, DV, 1)
     assert math.isclose(float(sae.score_candidates(u).recon_error.sum()), float(b.recon_error.detach().sum()), rel_tol=1e-9)
     assert np.isfinite(b.loss.item())
+
+
+def test_module_apply_is_torchs():
+    """`nn.Module.apply(fn)` (used by init code, e.g. `model.apply(init_weights)`) is not shadowed: it visits every
+    submodule and returns the module."""
+    sae = make_sae()
+    seen = []
+    assert sae.apply(lambda m: seen.append(type(m).__name__)) is sae
+    assert seen[-1] == "SparseAutoencoder"
