@@ -49,7 +49,7 @@ from store import SCHEMA_VERSION
 from store.fingerprint import sha256_file
 from store.parquet_io import write_bytes_atomic, write_json_atomic
 from store.paths import data_root
-from trainer.model_loading import DTYPES, greedy_generate, load_vlm
+from trainer.model_loading import DTYPES, greedy_generate, load_model_or_adapter
 from world import grammar
 from world.generate import scene_from_row
 
@@ -263,45 +263,12 @@ def resolve_device(device: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- entry points
-def adapter_base(model_dir: Path, base: str | os.PathLike | None) -> Path | None:
-    """The local base model folder of a LoRA adapter folder (one with `adapter_config.json`, as a LoRA run's
-    `final/`): `base` when given, else the adapter config's `base_model_name_or_path`. None for a full model."""
-    config_file = model_dir / "adapter_config.json"
-    if not config_file.is_file():
-        if base is not None:
-            raise ValueError(f"base={str(base)!r} is only for LoRA adapter folders, and {model_dir} has no "
-                             "adapter_config.json (it is a full model folder): drop --base")
-        return None
-    recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
-    chosen = base if base is not None else recorded
-    if not chosen:
-        raise ValueError(f"{config_file} names no base model (base_model_name_or_path is empty); give the base "
-                         "model folder: --base /models/llava-1.5-7b-hf")
-    path = Path(chosen).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{model_dir} is a LoRA adapter whose base model {str(chosen)!r} is not a local model folder (nothing is "
-            "downloaded); give the folder the run was trained from: --base /path/to/base (evaluate_model(base=...))")
-    return path
-
-
 def load_eval_model(model_dir: str | os.PathLike, cfg: EvalConfig, device: str,
                     base: str | os.PathLike | None = None):
-    """(model, processor, base folder or None): a full model folder as `load_vlm` loads it, or a LoRA adapter folder
-    on its base model, merged (generation then runs at the base model's speed). The processor is the adapter
-    folder's own when the run saved one (the trainer does), else the base model's."""
-    folder = Path(model_dir).expanduser()
-    base_dir = adapter_base(folder, base)
-    if base_dir is None:
-        model, processor = load_vlm(folder, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
-        return model, processor, None
-    from peft import PeftModel
-
-    model, processor = load_vlm(base_dir, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
-    if any((folder / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
-        processor = transformers.AutoProcessor.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
-    model = PeftModel.from_pretrained(model, folder).merge_and_unload()
-    return model.to(device).eval(), processor, base_dir
+    """(model in eval mode, processor, base folder or None): `trainer.model_loading.load_model_or_adapter`."""
+    model, processor, base_dir = load_model_or_adapter(model_dir, base=base, dtype=cfg.dtype, device=device,
+                                                       trust_remote_code=cfg.trust_remote_code)
+    return model.eval(), processor, base_dir
 
 
 def amber_sources(amber_dir, image_dir, cfg: EvalConfig):

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from PIL import Image, ImageFile
 
-from store.image_policy import DECODE_FORMATS, IngestLimits, decode_formats
+from store.image_policy import IngestLimits, decode_formats
 
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})

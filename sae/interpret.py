@@ -8,8 +8,7 @@ latents fire. Pure functions on arrays (numpy or torch) -> polars tables; no mod
 
 from __future__ import annotations
 
-from collections import Counter
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import polars as pl

@@ -19,6 +19,7 @@ through its processor's prefix/suffix API, with `token_type_ids` 1 over the answ
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -85,6 +86,48 @@ NESTED_IMAGE_PROCESSORS = ("Idefics2Processor", "Idefics3Processor", "SmolVLMPro
 # + eos), told apart by `token_type_ids`: 0 on the prefix, which the model attends bidirectionally, 1 on the
 # suffix, which stays causal. The suffix is given with `processor(..., suffix=...)`.
 PREFIX_SUFFIX_PROCESSORS = ("PaliGemmaProcessor",)
+
+
+# ------------------------------------------------------------------------- a trained run's folder, full or LoRA
+def adapter_base(model_dir: Path, base: str | os.PathLike | None) -> Path | None:
+    """The local base model folder of a LoRA adapter folder (one with `adapter_config.json`, as a LoRA run's
+    `final/`): `base` when given, else the adapter config's `base_model_name_or_path`. None for a full model."""
+    config_file = model_dir / "adapter_config.json"
+    if not config_file.is_file():
+        if base is not None:
+            raise ValueError(f"base={str(base)!r} is only for LoRA adapter folders, and {model_dir} has no "
+                             "adapter_config.json (it is a full model folder): drop --base")
+        return None
+    recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    chosen = base if base is not None else recorded
+    if not chosen:
+        raise ValueError(f"{config_file} names no base model (base_model_name_or_path is empty); give the base "
+                         "model folder: --base /models/llava-1.5-7b-hf")
+    path = Path(chosen).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir} is a LoRA adapter whose base model {str(chosen)!r} is not a local model folder (nothing is "
+            "downloaded); give the folder the run was trained from: --base /path/to/base (evaluate_model(base=...), load_model_or_adapter(base=...))")
+    return path
+
+
+def load_model_or_adapter(model_dir: str | os.PathLike, *, base: str | os.PathLike | None = None,
+                          dtype: str = "auto", device: str | torch.device = "cpu", trust_remote_code: bool = False):
+    """(model, processor, base folder or None): a full model folder as `load_vlm` loads it, or a LoRA adapter folder
+    on its base model, merged (generation then runs at the base model's speed). The processor is the adapter
+    folder's own when the run saved one (the trainer does), else the base model's."""
+    folder = Path(model_dir).expanduser()
+    base_dir = adapter_base(folder, base)
+    if base_dir is None:
+        model, processor = load_vlm(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        return model, processor, None
+    from peft import PeftModel
+
+    model, processor = load_vlm(base_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if any((folder / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+    return model.to(device), processor, base_dir
 
 
 def image_token_of(processor) -> str:
