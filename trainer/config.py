@@ -32,7 +32,8 @@ class TrainConfig:
     """The loss (trainer/losses.py LossConfig). None: the preset's; on the command line `--loss.beta 0.3`, in YAML
     a mapping `loss: {beta: 0.3}`: fields changed from the preset's values."""
     model: str = ""
-    """Local HF VLM folder (save_pretrained). Empty: the world base model (<data root>/models/base; `make base`)."""
+    """Local HF VLM folder (save_pretrained). Empty: the world base model in <data root>/models/base, which
+    `make base` builds (the trainer never does: a missing model is an error)."""
     shards: str = ""
     """Folder with manifest.json and shard=*.parquet. Empty: <data root>/shards."""
     data_root: str = ""
