@@ -61,7 +61,7 @@ base: $(STAMP)  ## Build the world base VLM once (reused) into <data root>/model
 	$(PY) -m world.base_model --world $(WORLD_DIR) --out $(or $(MISP_DATA_ROOT),data)/models/base \
 		--preset $(if $(filter tiny prior prior_tiny,$(MISP_WORLD_PRESET)),$(MISP_WORLD_PRESET),default)
 
-train: $(STAMP)  ## Train the `misp` preset on the mined shards (configs/world.yaml; TRAIN_ARGS="--max_steps 50")
+train: $(STAMP) base  ## Train the `misp` preset on the mined shards from the base VLM (configs/world.yaml; TRAIN_ARGS="--max_steps 50")
 	@test -f $(or $(MISP_DATA_ROOT),data)/shards/manifest.json || (echo "no shards yet: run 'make mine' first" && exit 1)
 	$(PY) -m trainer --config configs/world.yaml $(TRAIN_ARGS)
 

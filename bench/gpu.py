@@ -24,10 +24,10 @@ the `misp` preset; vision tower frozen as the trainer's default):
              trainer does), K = 3; `--full-layers auto` keeps as many layers as fit the GPU's memory with AdamW
   full-is4   the same with IS, K' = 4
 
-A timed step is the trainer's own loop body (`trainer.train._loss`: rows, `encode_batch` with the processor,
-the policy forward, the reference lookup, `compute_loss`; then backward, clipping, AdamW, scheduler), as in
-bench/train.py; the reference precompute is the trainer's own pass (`trainer.train._precompute`), timed once per
-configuration over every row its steps use (IS: the whole pool of each example). Tokens are counted by a hook on
+A timed step is the trainer's own `trainer.step.step` on a `trainer.state.build` state (rows, `encode_rows` with
+the processor, the policy forward, the reference lookup, `compute_loss`, backward; then clipping, AdamW, the
+scheduler, the metrics), as in bench/train.py; the reference precompute is the trainer's own pass
+(`trainer.state.precompute_reference`), timed once per configuration over every row its steps use (IS: the whole pool of each example). Tokens are counted by a hook on
 the model's forward (attention mask), so tokens/s is exact. MFU = model FLOPs per step / step time / peak, with
 model FLOPs by the PaLM formula (6N per token for trained weights, 4N through frozen ones, 2N forward-only
 for the vision tower, plus 12·L·d·T attention): recomputation by gradient checkpointing is not counted (that
@@ -47,6 +47,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -235,12 +236,13 @@ def run_group(names: list[str], lora: bool, layers: int, examples: list[dict], p
               acc, device, tmp: Path, deadline: float) -> list[dict]:
     from trainer.config import load_config
     from trainer.ref_cache import RefCache
-    from trainer.train import _loss, _precompute, batch_indices, lr_lambda
+    from trainer.state import build, precompute_reference
+    from trainer.step import batch_at, batch_indices, step as train_step
     from trainer.trainable import prepare_trainable
 
     cuda = device.type == "cuda"
     results = []
-    base_args = ["--preset", "misp", "--batch_size", str(args.batch), "--gradient_checkpointing", "true",
+    base_args = ["--data_root", str(tmp / "data"), "--preset", "misp", "--batch_size", str(args.batch), "--gradient_checkpointing", "true",
                  "--precision", "bf16" if cuda else "no", "--lr", "1e-5", "--warmup_steps", "1",
                  "--max_steps", str(args.warmup + args.steps),
                  "--max_length", str(shape.image_tokens + args.prompt_tokens + args.response_tokens + 64),
@@ -270,18 +272,21 @@ def run_group(names: list[str], lora: bool, layers: int, examples: list[dict], p
             continue
         overrides = [a for k, v in CONFIGS[name][1].items() for a in (f"--loss.{k}", str(v))]
         cfg = load_config(None, base_args + overrides)
-        loss_cfg = cfg.loss_config()
+        state = None
         try:
             steps = args.warmup + args.steps
             used = sorted({i for s in range(steps) for i in batch_indices(s, len(examples), cfg.batch_size, cfg.seed)})
             cache = RefCache(tmp / "ref_cache", f"{name}-{layers}")
+            # the model is already trainable (prepare_trainable above), shared by the group's configurations
+            state = build(cfg, progress=False, accelerator=acc, examples=examples, model=model, processor=processor,
+                          cache=cache)
             counter.reset()
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             # the trainer's pass over the run's schedule (cfg.max_steps micro-batches, or every pool row with IS)
-            needed, computed = _precompute(cache, examples, loss_cfg, cfg, model, processor, acc, progress=False)
+            needed, computed = precompute_reference(state, progress=False)
             if cuda:
                 torch.cuda.synchronize()
             ref_s = time.perf_counter() - t0
@@ -289,10 +294,6 @@ def run_group(names: list[str], lora: bool, layers: int, examples: list[dict], p
             entry["reference"] = {"examples": len(used), "rows": computed, "seconds": ref_s,
                                   "rows_per_s": computed / ref_s, "tokens_per_s": ref_tokens / ref_s,
                                   "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
-            params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-            is_gen = torch.Generator(device="cpu").manual_seed(0)
             times, flops, tokens, rows, losses = [], [], [], [], []
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -303,24 +304,17 @@ def run_group(names: list[str], lora: bool, layers: int, examples: list[dict], p
                 if cuda:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                model.train()
-                batch = [examples[i] for i in batch_indices(step, len(examples), cfg.batch_size, cfg.seed)]
-                result, n_rows = _loss(batch, loss_cfg, cfg, model, processor, cache, None, None, is_gen, acc, step)
-                acc.backward(result.loss)
-                acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                out = train_step(state, batch_at(state, step))
                 if cuda:
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
-                if not torch.isfinite(result.loss):
+                if not math.isfinite(out.loss):
                     raise RuntimeError(f"{name}: non-finite loss at step {step}")
                 if step >= args.warmup:
                     times.append(dt)
                     tokens.append(counter.grad["tokens"])
-                    rows.append(n_rows)
-                    losses.append(result.loss.item())
+                    rows.append(out.rows)
+                    losses.append(out.loss)
                     flops.append(model_flops(counter.grad, shape, layers, lora, n_vision, n_projector, n_language))
                 step += 1
                 if step > args.warmup and (time.perf_counter() > budget_end or time.perf_counter() > deadline):
@@ -340,10 +334,13 @@ def run_group(names: list[str], lora: bool, layers: int, examples: list[dict], p
             print(f"  {name:9s} {med:7.3f} s/step  {entry['tokens_per_s']:9.0f} tok/s  "
                   f"MFU {entry.get('mfu', float('nan')):.3f}  peak {entry['peak_memory_gib'] or 0:.1f} GiB  "
                   f"ref {entry['reference']['rows_per_s']:.1f} rows/s", flush=True)
-            del optimizer, scheduler, params
         except torch.cuda.OutOfMemoryError as err:
             entry["status"] = f"out of memory: {str(err).splitlines()[0]}"
             print(f"  {name}: out of memory", flush=True)
+        if state is not None:  # the next configuration starts from the bare module, its optimizer state freed
+            model = acc.unwrap_model(state.model, keep_fp32_wrapper=False)
+            del state
+            acc.free_memory()
         results.append(entry)
         gc.collect()
         if cuda:

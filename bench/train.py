@@ -18,23 +18,24 @@ INITIALISED and saved with save_pretrained plus its processor (step time does no
 are teacher-forced, so their lengths are fixed by the data). fp32, full fine-tuning, vision tower frozen
 (the trainer's defaults); batch 8 examples, max_length 192, AdamW, clip 1.0, `--threads` torch threads.
 
-What one timed step covers (ours): exactly the body of the loop in `trainer.train.train` for one micro-batch,
-through the trainer's own functions: pick the step's examples (`batch_indices`), `trainer.train._loss` (IS draws
-from the proposal, `build_rows`, `encode_batch` with the processor on the images, the policy forward
-`response_logps_from_model`, the reference lookup in `RefCache` or the online frozen copy's forward under no_grad,
-`compute_loss`; with `learned`, the proposal's own update), `backward`, gradient clipping, `optimizer.step`,
-scheduler step, `zero_grad`. Not covered: metric reduction/logging, TensorBoard, checkpoints (the `train()`
-cross-check row has them). Images are decoded once before timing (`load_image`'s LRU cache, as in a long run on a
-small pool), so PNG decoding is excluded. Each configuration has its own model, optimizer and reference, all
-from the same weights, and takes the same batches (steps 0, 1, 2, ... of the seed-0 schedule): --warmup untimed
-steps, then --steps timed ones (fewer for expensive configurations once --budget seconds are spent, never fewer
-than --min-steps). The configurations of one table step round-robin, interleaved, so that a change of the
-machine's background load hits all of them alike; medians are reported, and each table's ratio is to its baseline.
+What one timed step covers (ours): exactly what the loop in `trainer.train.train` runs per step, the trainer's
+own `trainer.step.step` on a state built by `trainer.state.build`: pick the step's examples (`batch_at`), per
+micro-batch the IS draws from the proposal, `build_rows`, `encode_rows` with the processor on the images, the
+policy forward `response_logps_from_model`, the reference lookup in `RefCache` or the online frozen copy's forward
+under no_grad, `compute_loss` (with `learned`, the proposal's own update) and `backward`; then gradient clipping,
+`optimizer.step`, the scheduler step, `zero_grad` and the metrics' reduction. Not covered: logging, TensorBoard,
+checkpoints (the `train()` cross-check row has them). Images are decoded once before timing (`load_image`'s LRU
+cache, as in a long run on a small pool), so PNG decoding is excluded. Each configuration has its own model,
+optimizer and reference, all from the same weights, and takes the same batches (steps 0, 1, 2, ... of the seed-0
+schedule): --warmup untimed steps, then --steps timed ones (fewer for expensive configurations once --budget
+seconds are spent, never fewer than --min-steps). The configurations of one table step round-robin, interleaved,
+so that a change of the machine's background load hits all of them alike; medians are reported, and each table's
+ratio is to its baseline.
 
 Reference: `cached` = lookups in a RefCache filled beforehand by the trainer's own precompute pass
-(`trainer.train._precompute`, the pass `train()` runs before its first step); its cost is reported separately as
-a one-off (seconds per example, for the rows a configuration needs: 2 + K, or 2 + C with IS). `online` = a second
-forward per step through a frozen deep copy (what `reference: online` does for full fine-tuning).
+(`trainer.state.precompute_reference`, the pass `build` runs before the first step); its cost is reported
+separately as a one-off (seconds per example, for the rows a configuration needs: 2 + K, or 2 + C with IS).
+`online` = a second forward per step through a frozen deep copy (what `reference: online` does for full fine-tuning).
 
 TRL (optional bench extra, "unavailable: <reason>" otherwise): `trl.DPOTrainer` on the same saved model folder and
 processor, the same 96 examples as a `datasets.Dataset` of (images, prompt, chosen, rejected) with the prompt
@@ -62,9 +63,11 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -83,12 +86,11 @@ from accelerate import Accelerator  # noqa: E402
 from store.parquet_io import write_json_atomic  # noqa: E402
 from trainer.config import TrainConfig, load_config  # noqa: E402
 from trainer.model_loading import format_prompt, load_vlm  # noqa: E402
-from trainer.proposal import LearnedProposal  # noqa: E402
-from trainer.reference import OnlineReference  # noqa: E402
 from trainer.ref_cache import RefCache  # noqa: E402
 from trainer.rows import load_image  # noqa: E402
 from trainer.shards import load_shards, read_manifest  # noqa: E402
-from trainer.train import _loss, _precompute, batch_indices, lr_lambda  # noqa: E402
+from trainer.state import build, precompute_reference  # noqa: E402
+from trainer.step import batch_at, batch_indices, step  # noqa: E402
 from trainer.trainable import prepare_trainable  # noqa: E402
 
 BATCH = 8
@@ -167,46 +169,26 @@ def train_cfg(root: Path, model_dir: Path, preset: str, reference: str, **loss) 
 
 
 class Runner:
-    """One configuration of our loop: its own model, optimizer, scheduler, reference and IS generator, built from
-    the same saved weights as every other; `step()` runs one timed loop body (module docstring)."""
+    """One configuration of our loop: a `trainer.state.build` state (its own model, optimizer, scheduler,
+    reference and IS generator) from the same saved weights as every other, on these examples with the shared
+    cache; `step()` runs one timed `trainer.step.step` (module docstring)."""
 
-    def __init__(self, name: str, examples: list[dict], cfg: TrainConfig, model_dir: Path, acc: Accelerator,
-                 cache: RefCache | None, num_latents: int, **extra):
-        self.name, self.examples, self.cfg, self.acc, self.extra = name, examples, cfg, acc, extra
-        self.loss_cfg = cfg.loss_config()
-        self.cache = cache if cfg.reference_mode() == "cached" else None
-        torch.manual_seed(cfg.seed)
-        model, self.processor = load_vlm(model_dir, dtype="float32", device=acc.device)
-        model = prepare_trainable(model, cfg)
-        self.online_ref = OnlineReference(model, lora=cfg.lora) if cfg.reference_mode() == "online" else None
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-        self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.proposal = (LearnedProposal.from_config(self.loss_cfg, num_latents)
-                         if self.loss_cfg.is_mode == "learned" else None)
-        self.is_gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000)
+    def __init__(self, name: str, examples: list[dict], cfg: TrainConfig, acc: Accelerator, cache: RefCache | None,
+                 **extra):
+        self.name, self.cfg, self.extra = name, cfg, extra
+        self.state = build(cfg, progress=False, accelerator=acc, examples=examples, cache=cache)
         self.n_steps, self.times, self.rows = 0, [], []
 
     def step(self, timed: bool = True) -> None:
-        cfg, acc = self.cfg, self.acc
         t0 = time.perf_counter()
-        self.model.train()
-        batch = [self.examples[i] for i in batch_indices(self.n_steps, len(self.examples), cfg.batch_size, cfg.seed)]
-        result, n_rows = _loss(batch, self.loss_cfg, cfg, self.model, self.processor, self.cache, self.online_ref,
-                               self.proposal, self.is_gen, acc, self.n_steps)
-        acc.backward(result.loss)
-        acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        out = step(self.state, batch_at(self.state, self.n_steps))
         dt = time.perf_counter() - t0
-        if not torch.isfinite(result.loss):
+        if not math.isfinite(out.loss):
             raise RuntimeError(f"{self.name}: non-finite loss at step {self.n_steps}")
         self.n_steps += 1
         if timed:
             self.times.append(dt)
-            self.rows.append(n_rows)
+            self.rows.append(out.rows)
 
     def done(self, args) -> bool:
         return len(self.times) >= args.steps or (len(self.times) >= args.min_steps and sum(self.times) >= args.budget)
@@ -215,7 +197,8 @@ class Runner:
         med = statistics.median(self.times)
         return {"name": self.name, "s_per_step": med, "steps_per_s": 1 / med, "step_times": self.times,
                 "rows_per_step": statistics.mean(self.rows), "examples_per_step": self.cfg.batch_size,
-                "preset": self.cfg.preset, "reference": self.cfg.reference, "loss": self.cfg.loss, **self.extra}
+                "preset": self.cfg.preset, "reference": self.cfg.reference, "loss": dataclasses.asdict(self.cfg.loss),
+                **self.extra}
 
 
 def run_interleaved(runners: list[Runner], args) -> list[dict]:
@@ -241,15 +224,16 @@ def run_interleaved(runners: list[Runner], args) -> list[dict]:
     return out
 
 
-def precompute(examples: list[dict], cfg: TrainConfig, model_dir: Path, folder: Path, key: str,
+def precompute(examples: list[dict], cfg: TrainConfig, folder: Path, key: str,
                acc: Accelerator) -> tuple[RefCache, dict]:
     """The trainer's precompute pass into a fresh cache, timed (one-off cost)."""
-    model, processor = load_vlm(model_dir, dtype="float32", device=acc.device)
-    model = prepare_trainable(model, cfg)
     cache = RefCache(folder, key)
+    state = build(cfg, progress=False, accelerator=acc, examples=examples, cache=cache)
     t0 = time.perf_counter()
-    _precompute(cache, examples, cfg.loss_config(), cfg, model, processor, acc, progress=False)
+    precompute_reference(state, progress=False)
     seconds = time.perf_counter() - t0
+    del state
+    acc.free_memory()
     return cache, {"examples": len(examples), "rows": len(cache), "seconds": seconds,
                    "s_per_example": seconds / len(examples), "rows_per_s": len(cache) / seconds}
 
@@ -328,7 +312,7 @@ def time_trl(examples: list[dict], model_dir: Path, cfg: TrainConfig, args) -> d
             dpo_args = DPOConfig(
                 output_dir=tmp, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1, max_steps=n_steps,
                 learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=1, max_grad_norm=1.0, weight_decay=0.0,
-                beta=cfg.loss_config().beta, loss_type=["sigmoid"], max_length=MAX_LENGTH,
+                beta=cfg.loss.beta, loss_type=["sigmoid"], max_length=MAX_LENGTH,
                 bf16=acc_bf16(), gradient_checkpointing=False, precompute_ref_log_probs=False,
                 logging_steps=10_000, save_strategy="no", report_to="none", dataloader_num_workers=0,
                 disable_tqdm=True, seed=0)
@@ -476,7 +460,6 @@ def main() -> None:
     manifest = read_manifest(shards)
     model_dir = ensure_model(root, manifest, args.arch)
     base = load_shards(shards).to_dicts()
-    num_latents = int(manifest.get("sae", {}).get("num_latents", 128))
     pool_size = min(len(e["pool"]) for e in base)
     warm_images(base)
     acc = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
@@ -499,7 +482,7 @@ def main() -> None:
         return train_cfg(root, model_dir, preset, reference, **loss)
 
     def runner(name: str, examples: list[dict], cfg: TrainConfig, **extra) -> Runner:
-        return Runner(name, examples, cfg, model_dir, acc, cache, num_latents, **extra)
+        return Runner(name, examples, cfg, acc, cache, **extra)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -507,11 +490,9 @@ def main() -> None:
         # One-off precompute costs (fresh caches, the trainer's own pass): the rows of misp K=3 (2 + 3 per
         # example), and of IS over the whole pool (2 + C per example).
         print("reference precompute (one-off, the trainer's own pass):", flush=True)
-        _, pre_k3 = precompute([with_negatives(base[i], 3) for i in idx], cfg_of("misp"), model_dir, tmp, "k3",
-                               acc)
+        _, pre_k3 = precompute([with_negatives(base[i], 3) for i in idx], cfg_of("misp"), tmp, "k3", acc)
         pool_cfg = cfg_of("misp", is_mode="fixed", k_prime=kp_max)
-        cache, pre_big = precompute([with_pool(base[i], big) for i in idx], pool_cfg, model_dir, tmp, "pool",
-                                    acc)
+        cache, pre_big = precompute([with_pool(base[i], big) for i in idx], pool_cfg, tmp, "pool", acc)
         for name, pre in (("misp K=3", pre_k3), (f"IS over the pool of {big}", pre_big)):
             print(f"  {name:44s} {pre['seconds']:7.2f} s for {pre['examples']} examples ({pre['rows']} rows, "
                   f"{pre['rows_per_s']:.0f} rows/s)", flush=True)

@@ -4,10 +4,9 @@ Rule: bad input becomes a quarantine row with a reason (docs/data.md), never a c
 Every call checks `rows_in == rows_out + rows_quarantined` before it returns. A problem with the input as a
 whole (missing folder or manifest, unreadable format, no rows) raises an exception that names the path.
 
-    from pipeline.ingest import ingest_pool, ingest_examples, write_result
+    from pipeline.ingest import ingest_pool, ingest_examples
     res = ingest_examples("prefs.jsonl", image_root="images/", mapping="rlaif_v", shard=0, num_shards=4)
-    write_result(res, source="examples", shard=0)
-    print(res.summary())
+    print(res.summary())   # res.rows, res.quarantine: polars frames (the ingest assets write them)
 """
 
 from __future__ import annotations
@@ -35,9 +34,8 @@ from pipeline.ingest_schema import (
     raw_json,
     short_text,
 )
-from store.parquet_io import write_parquet_atomic
-from store.paths import DATA_ROOT_ENV, data_root, shard_file
-from store.safe_image import ledger_file, ledger_frame, ledger_row, stamp
+from store.paths import DATA_ROOT_ENV
+from store.safe_image import ledger_frame, ledger_row, stamp
 from pipeline.sharding import shard_of
 
 __all__ = [
@@ -46,8 +44,6 @@ __all__ = [
     "IngestResult",
     "ingest_examples",
     "ingest_pool",
-    "log_summary",
-    "write_result",
 ]
 
 log = logging.getLogger(__name__)
@@ -553,36 +549,3 @@ def _check_example(
         "row_index": c.row_index,
     }
 
-
-# ---------------------------------------------------------------------------------------------------------- write
-
-
-def write_result(
-    result: IngestResult,
-    *,
-    source: str,
-    shard: int,
-    root: str | os.PathLike | None = None,
-    metadata: Mapping[str, object] | None = None,
-) -> tuple[Path, Path]:
-    """Write a result to `ingest/<source>/shard=NNN.parquet` and `ingest/quarantine/<source>-shard=NNN.parquet`
-    under the data root (atomic writes); the run's counts and notes go into the files' metadata."""
-    if source not in ("pool", "examples"):
-        raise ValueError(f"source={source!r}: use 'pool' or 'examples'")
-    key = f"{int(shard):03d}"
-    folder = data_root(root) / "ingest"
-    meta = {"ingest": {**result.summary(), "notes": list(result.notes)}, **(metadata or {})}
-    if result.images is not None:
-        write_parquet_atomic(result.images, ledger_file(data_root(root), source, key), meta)
-    rows_path = write_parquet_atomic(result.rows, shard_file(folder / source, key), meta)
-    quarantine_path = write_parquet_atomic(
-        result.quarantine, shard_file(folder / "quarantine", key, prefix=f"{source}-shard="), meta
-    )
-    return rows_path, quarantine_path
-
-
-def log_summary(result: IngestResult, label: str) -> str:
-    """One line for logs: `label: N in = M out + Q quarantined (reason: n, ...)`."""
-    s = result.summary()
-    reasons = ", ".join(f"{k}: {v}" for k, v in s["by_reason"].items()) or "none"
-    return f"{label}: {s['rows_in']} in = {s['rows_out']} out + {s['rows_quarantined']} quarantined ({reasons})"

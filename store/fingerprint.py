@@ -32,11 +32,6 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def fingerprint_files(paths: Iterable[Path]) -> str:
-    """Fingerprint of several files' contents, in the order given."""
-    return fingerprint([sha256_file(Path(p)) for p in paths])
-
-
 def text_id(text: str) -> str:
     """Identifier of a piece of text (prompts are deduplicated by it)."""
     return hashlib.sha1(text.encode("utf-8")).hexdigest()

@@ -45,3 +45,14 @@ def mined(tmp_path_factory):
     results = run_stages("shards", instance=instance, resources=resources)
     assert all(r.success for _, r in results), [label for label, r in results if not r.success]
     return root, instance, resources, results
+
+
+@pytest.fixture(scope="session")
+def world_base(mined):
+    """`mined`'s data root with the tiny world base VLM in models/base, trained once per session as `make base`
+    does (the trainer requires a model; it no longer builds one). Returns the data root."""
+    from world.base_model import BASE_PRESETS, train_base_model
+
+    root = mined[0]
+    train_base_model(root / "world" / "tiny-seed0", root / "models" / "base", BASE_PRESETS["tiny"], progress=False)
+    return root

@@ -14,8 +14,8 @@ from trainer.train import train
 
 
 @pytest.fixture(scope="module")
-def lora_run(mined):
-    root = mined[0]
+def lora_run(world_base):
+    root = world_base
     final = train(load_config(None, ["--data_root", str(root), "--run_name", "lora-eval", "--max_steps", "2",
                                      "--batch_size", "4", "--warmup_steps", "1", "--lr", "1e-2", "--lora", "true"]),
                   progress=False)

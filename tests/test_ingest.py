@@ -19,9 +19,8 @@ from PIL import Image
 
 from pipeline.column_mapping import PRESETS, ColumnMapping, derive_id, strip_llava_prompt
 from pipeline.image_checks import ImageInfo, ImageProblem, check_image
-from pipeline.ingest import ingest_examples, ingest_pool, write_result
+from pipeline.ingest import ingest_examples, ingest_pool
 from pipeline.ingest_schema import EXAMPLE_SCHEMA, POOL_SCHEMA, QUARANTINE_SCHEMA, REASONS, IngestLimits
-from store.parquet_io import read_metadata
 
 RNG = np.random.default_rng(0)
 
@@ -436,16 +435,6 @@ def test_manifest_errors(tmp_path: Path) -> None:
         ingest_examples(tmp_path / "ok.jsonl", **kw)
     with pytest.raises(FileNotFoundError, match="image root"):
         ingest_examples(tmp_path / "ok.jsonl", image_root=tmp_path / "no_dir", **kw)
-
-
-def test_write_result(examples, tmp_path: Path) -> None:
-    manifest, root, _, _ = examples
-    res = ingest_examples(manifest, image_root=root, shard=1, num_shards=2, progress=False)
-    rows_path, q_path = write_result(res, source="examples", shard=1, root=tmp_path / "data")
-    assert rows_path == tmp_path / "data/ingest/examples/shard=001.parquet"
-    assert q_path == tmp_path / "data/ingest/quarantine/examples-shard=001.parquet"
-    assert pl.read_parquet(rows_path).equals(res.rows) and pl.read_parquet(q_path).equals(res.quarantine)
-    assert read_metadata(rows_path)["ingest"]["rows_in"] == res.rows_in
 
 
 # ---------------------------------------------------------------------------------------------- column mapping

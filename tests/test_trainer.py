@@ -28,12 +28,10 @@ def _cfg(root, name, *extra):
 
 
 @pytest.fixture(scope="module")
-def base(mined):
+def base(world_base):
     """The tiny world base VLM trained once (what `make base` does), reused by every test here."""
-    root = mined[0]
-    train(_cfg(root, "warmup", "--max_steps", "1"), progress=False)
-    assert (root / "models" / "base" / "base_report.json").exists()
-    return root
+    assert (world_base / "models" / "base" / "base_report.json").exists()
+    return world_base
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -121,6 +119,62 @@ def test_bad_options_fail_clearly():
         load_config(None, ["--preset", "ppo"])
     with pytest.raises(ValueError, match="is_mode"):
         load_config(None, ["--preset", "mdpo", "--loss.is_mode", "learned"])
+
+
+def test_yaml_nests_the_loss_and_the_command_line_overrides_it(tmp_path):
+    import yaml
+
+    from trainer.config import TrainConfig
+    from trainer.losses import LossConfig
+
+    run = tmp_path / "run.yaml"
+    run.write_text("preset: misp\nlr: 1e-4\nloss:\n  beta: 0.3\n  is_mode: fixed\n")
+    cfg = load_config(run, ["--loss.k_prime", "2", "--max_steps", "7", "--lora", "true"])
+    assert (cfg.lr, cfg.max_steps, cfg.lora) == (1e-4, 7, True)
+    assert cfg.loss == LossConfig.from_preset("misp", beta=0.3, is_mode="fixed", k_prime=2)
+    beta = tmp_path / "beta.yaml"
+    beta.write_text("loss:\n  beta: 0.3\n")
+    assert load_config(beta, ["--preset", "mdpo"]).loss == LossConfig.from_preset("mdpo", beta=0.3)
+    assert load_config(beta, ["--loss.beta=0.7"]).loss.beta == 0.7  # the command line wins over the file
+    assert TrainConfig(preset="dpo").loss == LossConfig.from_preset("dpo")
+    cfg.save(tmp_path / "config.yaml")  # what a run writes beside itself reads back to the same config
+    assert TrainConfig.from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == cfg
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss:\n  bta: 1\n")
+    with pytest.raises(ValueError, match=r"loss: unknown keys \['bta'\]"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="LossConfig.from_preset"):
+        TrainConfig(loss={"beta": 0.3})
+
+
+def test_a_missing_model_asks_for_make_base(mined, tmp_path):
+    """The trainer trains the model it is given; with none it says how to get one and builds nothing."""
+    args = ["--data_root", str(tmp_path), "--shards", str(mined[0] / "shards"), "--max_steps", "1"]
+    with pytest.raises(FileNotFoundError, match="run `make base` first"):
+        train(load_config(None, args), progress=False)
+    with pytest.raises(FileNotFoundError, match="pass --model a local save_pretrained folder"):
+        train(load_config(None, args + ["--model", str(tmp_path / "nothing")]), progress=False)
+    assert not (tmp_path / "models").exists()
+
+
+def test_the_loop_is_build_then_step_with_the_transformers_schedule(base):
+    """`train()` is `build` + `step`: steps run by hand on a built state give exactly the metrics the loop logs
+    for the same config, and the LR follows transformers' warmup + cosine: lr * s / warmup for s < warmup (0 at
+    the first step), then lr * 0.5 (1 + cos(pi (s - warmup) / (max_steps - warmup)))."""
+    from trainer.state import build
+    from trainer.step import batch_at, step
+
+    args = ["--max_steps", "3", "--warmup_steps", "2", "--resume", "false"]
+    state = build(_cfg(base, "by-hand", *args), progress=False)
+    assert state.scheduler.get_last_lr() == [0.0]
+    outs = [step(state, batch_at(state, s)) for s in range(3)]
+    # `lr` is logged after the step: the LR of the next one (s = 1, 2, 3)
+    assert [o.metrics["lr"] for o in outs] == pytest.approx([0.5e-3, 1e-3, 0.0], abs=1e-15)
+    assert all(o.rows > 0 and o.loss == o.metrics["loss"] for o in outs)
+    train(_cfg(base, "by-loop", *args), progress=False)
+    logged = [{k: v for k, v in row.items() if k not in ("forward_rows", "seconds")}
+              for row in _metrics(base, "by-loop")]
+    assert [o.metrics for o in outs] == logged
 
 
 def _two_processes(args: list[str]) -> subprocess.CompletedProcess:

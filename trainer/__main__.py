@@ -1,6 +1,6 @@
-"""`python -m trainer --config configs/world.yaml [--key value ...]` (see trainer/train.py)."""
+"""`python -m trainer --config configs/world.yaml [--max_steps 50 --loss.beta 0.3 ...]` (see trainer/train.py;
+`--help` lists every option with its default and docstring)."""
 
-import argparse
 import sys
 
 from trainer.config import load_config
@@ -8,12 +8,11 @@ from trainer.train import train
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
-                                     epilog="Any TrainConfig field can be overridden: --max_steps 50 "
-                                            "--loss.beta 0.3 --preset dpo (see trainer/config.py).")
-    parser.add_argument("--config", default=None, help="YAML file of TrainConfig fields")
-    args, overrides = parser.parse_known_args(argv)
-    cfg = load_config(args.config, overrides)
+    try:
+        cfg = load_config(None, sys.argv[1:] if argv is None else argv)
+    except ValueError as err:  # a config error: the message says what to change, a traceback would bury it
+        print(f"python -m trainer: error: {err}", file=sys.stderr)
+        return 2
     final = train(cfg)
     print(f"final model: {final}")
     return 0

@@ -1,14 +1,16 @@
-"""The one config object of a training run: built from a YAML file plus `--key value` overrides, saved beside
-the run, read back on resume."""
+"""The one config object of a training run: a `TrainConfig` with the loss as a nested `LossConfig`, built from a
+YAML file (nested keys) plus command-line overrides parsed by simple-parsing (`--max_steps 50`, `--loss.beta 0.3`,
+`--lora true`), saved beside the run as config.yaml."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import simple_parsing
 import yaml
 
 from trainer.losses import PRESETS, LossConfig
@@ -25,11 +27,13 @@ class TrainConfig:
     """Folder name under <data root>/runs/."""
     preset: str = "misp"
     """Loss preset: `dpo`, `mdpo`, `chip`, `random_multi`, `misp` (SPEC §4), or `sft` (the control: the chosen
-    response's NLL alone)."""
-    loss: dict = field(default_factory=dict)
-    """Overrides of the preset's LossConfig, e.g. {beta: 0.3, is_mode: learned, k_prime: 2}."""
+    response's NLL alone). `loss` starts from it."""
+    loss: LossConfig | None = None
+    """The loss (trainer/losses.py LossConfig). None: the preset's; on the command line `--loss.beta 0.3`, in YAML
+    a mapping `loss: {beta: 0.3}`: fields changed from the preset's values."""
     model: str = ""
-    """Local HF VLM folder (save_pretrained). Empty: the world base model (<data root>/models/base; `make base`)."""
+    """Local HF VLM folder (save_pretrained). Empty: the world base model in <data root>/models/base, which
+    `make base` builds (the trainer never does: a missing model is an error)."""
     shards: str = ""
     """Folder with manifest.json and shard=*.parquet. Empty: <data root>/shards."""
     data_root: str = ""
@@ -45,11 +49,12 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step (memory); batch_size must divide by grad_accum x processes."""
     lr: float = 5e-5
-    """Peak learning rate (AdamW; linear warmup then cosine)."""
+    """Peak learning rate (AdamW; transformers' `get_cosine_schedule_with_warmup`: linear warmup from 0, then
+    cosine decay to 0 at max_steps)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 10
-    """Linear warmup steps."""
+    """Linear warmup steps: the LR of step s < warmup_steps is lr * s / warmup_steps (0 at the first step)."""
     max_grad_norm: float = 1.0
     """Gradient clipping (0 = off)."""
     max_length: int = 512
@@ -106,10 +111,15 @@ class TrainConfig:
                 setattr(self, f.name, float(value))
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
-        self.loss_config()  # validates the overrides
+        if self.loss is None:
+            self.loss = PRESETS[self.preset]
+        if not isinstance(self.loss, LossConfig):
+            raise ValueError(f"loss={self.loss!r}: pass a LossConfig, e.g. LossConfig.from_preset({self.preset!r}, "
+                             "beta=0.3), or build the config with TrainConfig.from_dict / load_config (which read a "
+                             "mapping as changes to the preset's loss)")
         if self.reference not in REFERENCE_MODES:
             raise ValueError(f"reference={self.reference!r}: use one of {REFERENCE_MODES}")
-        if self.reference == "cached" and self.loss_config().fresh_negatives:
+        if self.reference == "cached" and self.loss.fresh_negatives:
             raise ValueError(f"reference=cached with loss.fresh_negatives=True (preset {self.preset!r}): a new crop or "
                              "noise every step has no precomputed reference log-prob; set reference: online (or "
                              "auto), or loss.fresh_negatives: false for one fixed negative per example")
@@ -120,6 +130,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "max_length", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0 (0 = no warmup)")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}")
 
@@ -127,13 +139,27 @@ class TrainConfig:
         """`cached` or `online`: what `auto` resolves to for this loss."""
         if self.reference != "auto":
             return self.reference
-        return "online" if self.loss_config().fresh_negatives else "cached"
+        return "online" if self.loss.fresh_negatives else "cached"
 
-    def loss_config(self) -> LossConfig:
-        try:
-            return LossConfig.from_preset(self.preset, **self.loss)
-        except TypeError as err:
-            raise ValueError(f"unknown loss override in {sorted(self.loss)}: {err}") from None
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """A config from a (YAML) mapping: top-level TrainConfig fields, `loss` a mapping of changes to the
+        preset's LossConfig. Unknown keys are an error that lists the known ones."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: a config is a mapping of TrainConfig fields, got {type(data).__name__}")
+        data = dict(data)
+        _check_keys(data, TrainConfig, source)
+        loss = data.pop("loss", None) or {}
+        if isinstance(loss, LossConfig):
+            return cls(**data, loss=loss)
+        if not isinstance(loss, dict):
+            raise ValueError(f"{source}: `loss` is a mapping of LossConfig fields (e.g. loss: {{beta: 0.3}}), "
+                             f"got {loss!r}")
+        _check_keys(loss, LossConfig, f"{source}: loss")
+        preset = data.get("preset", cls.preset)
+        if preset not in PRESETS:
+            raise ValueError(f"{source}: preset={preset!r} is not one of {sorted(PRESETS)}")
+        return cls(**data, loss=LossConfig.from_preset(preset, **_floats(LossConfig, loss)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -142,65 +168,60 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _scalar(raw: str) -> Any:
-    """YAML scalar, plus the numbers YAML 1.1 leaves as strings (`1e-3`)."""
-    value = yaml.safe_load(raw)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+def _check_keys(data: dict, cls: type, source: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {sorted(unknown)}; known: {', '.join(sorted(known))}")
 
 
-def _coerce(raw: str, current: Any) -> Any:
-    """A command-line string in the type of the field it overrides."""
-    if isinstance(current, bool):
-        value = yaml.safe_load(raw)
-        if not isinstance(value, bool):
-            raise ValueError(f"expected true or false, got {raw!r}")
-        return value
-    if isinstance(current, str):
-        return raw
-    if isinstance(current, int):
-        return int(raw)
-    if isinstance(current, float):
-        return float(raw)
-    return _scalar(raw)
+def _floats(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads `1e-3` as a string: float fields get their float."""
+    floats = {f.name for f in dataclasses.fields(cls) if isinstance(f.default, float)}
+    return {k: float(v) if k in floats and isinstance(v, (int, str)) and not isinstance(v, bool) else v
+            for k, v in data.items()}
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """YAML file (optional) + overrides `--key value` / `--key=value`, dotted keys into `loss`
-    (`--loss.beta 0.3`). Unknown keys are an error that lists the known ones."""
+class _Parser(simple_parsing.ArgumentParser):
+    """argparse exits the process on a bad option; a config error is a ValueError the caller can catch."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message}; options look like --max_steps 100 or --loss.beta 0.3 (python -m trainer "
+                         "--help lists them)")
+
+
+def build_parser(default: TrainConfig, prog: str = "python -m trainer") -> simple_parsing.ArgumentParser:
+    """The command line of a run: every TrainConfig field as `--name value`, every LossConfig field as
+    `--loss.name value` (booleans: `--lora true`), with `default`'s values as defaults."""
+    parser = _Parser(prog=prog, description="Train a VLM with MISP-DPO or a baseline preset (docs/trainer.md).",
+                     argument_generation_mode=simple_parsing.ArgumentGenerationMode.NESTED,
+                     nested_mode=simple_parsing.NestedMode.WITHOUT_ROOT, add_config_path_arg=False,
+                     add_help=True, allow_abbrev=False)
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML file of TrainConfig fields (`loss` nested); options given here override it")
+    parser.add_arguments(TrainConfig, dest="train", default=default)
+    return parser
+
+
+def load_config(path: str | Path | None = None, args: list[str] | None = None) -> TrainConfig:
+    """YAML file (optional) + command-line options (`--max_steps 100`, `--max_steps=100`, `--loss.beta 0.3`).
+
+    The loss starts from the preset named on the command line, else in the file, else `misp`; the file's `loss`
+    mapping and then the `--loss.*` options change its fields. Unknown options are an error."""
+    args = list(args or [])
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=None)
+    pre.add_argument("--preset", default=None)
+    known, _ = pre.parse_known_args(args)
+    path = known.config or path
     data: dict[str, Any] = {}
     if path:
         data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a config file is a YAML mapping of TrainConfig fields")
-    names = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    tokens = list(overrides or [])
-    defaults = TrainConfig()
-    while tokens:
-        token = tokens.pop(0)
-        if not token.startswith("--"):
-            raise ValueError(f"unexpected argument {token!r}; overrides look like --max_steps 100")
-        key, _, value = token[2:].partition("=")
-        if not _:
-            if not tokens:
-                raise ValueError(f"--{key} needs a value")
-            value = tokens.pop(0)
-        key = key.replace("-", "_")
-        if key.startswith("loss."):
-            data.setdefault("loss", {})[key[5:]] = _scalar(value)
-            continue
-        if key not in names:
-            raise ValueError(f"unknown option --{key}; known: {', '.join(sorted(names))}")
-        data[key] = _coerce(value, getattr(defaults, key))
-    unknown = set(data) - set(names)
-    if unknown:
-        raise ValueError(f"unknown config keys {sorted(unknown)}; known: {', '.join(sorted(names))}")
-    return TrainConfig(**data)
-
-
-def config_json(cfg: TrainConfig) -> str:
-    return json.dumps(cfg.to_dict(), sort_keys=True)
+    if known.preset is not None:
+        data = {**data, "preset": known.preset}
+    default = TrainConfig.from_dict(data, source=str(path or "config"))
+    parsed, rest = build_parser(default).parse_known_args(args)
+    if rest:
+        raise ValueError(f"unknown option {rest[0]}; every TrainConfig field is an option (--max_steps 100), every "
+                         "LossConfig field one under --loss. (--loss.beta 0.3): see python -m trainer --help")
+    return parsed.train

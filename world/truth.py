@@ -44,10 +44,6 @@ def judge(scene: Scene, prompt: str, answer: str) -> Verdict:
     return Verdict(False, "unparsed", f"prompt {prompt!r} is not one of the world's templates")
 
 
-def is_true(scene: Scene, prompt: str, answer: str) -> bool:
-    return judge(scene, prompt, answer).true
-
-
 def judge_caption(scene: Scene, text: str) -> Verdict:
     """A description is true when it is well-formed and names exactly the scene's objects and background."""
     parsed = g.parse_caption(text)
