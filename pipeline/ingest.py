@@ -250,8 +250,9 @@ def ingest_examples(
     `image_store`: where images given as bytes in the manifest (`ColumnMapping.image_bytes`) are written, one file
     per distinct image (default `<data root>/ingest/images`); they are then checked like any file, with the store
     as their root.
-    Duplicate ids are found over the whole manifest (the first row in file order wins), then rows are sharded by
-    `example_id`; rows without a readable id are sharded by `#row=<row_index>`.
+    The manifest is streamed and only this shard's rows are kept (memory: a block of rows plus the shard, see
+    `pipeline.manifest_shard`). Rows are sharded by `example_id` (rows without a readable id by
+    `#row=<row_index>`), so all copies of an id share a shard: the first row in file order keeps the id.
     `require_usable`: raise `NoUsableRowsError` (carrying this shard's result) when no row of the whole manifest
     can be used, instead of returning empty tables that later stages would fail on with less useful advice.
     """

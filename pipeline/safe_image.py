@@ -59,6 +59,10 @@ class ImageChangedError(UnsafeImageError):
     """An image whose bytes no longer hash to what ingest recorded."""
 
 
+class LedgerMissingError(UnsafeImageError):
+    """A reader that must verify images (the trainer) found no image ledger under the data root."""
+
+
 class FileStamp(NamedTuple):
     """What `stat` says about a file: a change in any field means its bytes may have changed."""
 
@@ -257,12 +261,44 @@ def recorded(path: str | os.PathLike) -> tuple[str, str] | None:
     return None
 
 
-def open_ingested(path: str | os.PathLike, limits: IngestLimits = IngestLimits()) -> Image.Image:
+def _no_ledger(roots: list[Path], reader: str) -> str:
+    from pipeline.paths import DATA_ROOT_ENV
+
+    where = ", ".join(str(r) for r in roots)
+    env = os.environ.get(DATA_ROOT_ENV)
+    return (f"no image ledger under the data root {where} (ingest writes <data root>/ledger/*.parquet when it "
+            f"materialises pool_images / preference_examples); {reader} reads only images whose sha256 ingest "
+            f"recorded there. Point --data_root or {DATA_ROOT_ENV} (now {env or 'unset'}) at the data root the "
+            "shards were mined in, or run ingest into this one")
+
+
+def require_ledger(root: str | os.PathLike, reader: str = "the trainer") -> None:
+    """Raise `LedgerMissingError` (naming `root` and `$MISP_DATA_ROOT`) unless `root` holds an image ledger: a
+    reader that must verify every image fails at its start, not at its first image."""
+    root = Path(root).expanduser().resolve()
+    if not ledger_files(root):
+        raise LedgerMissingError(_no_ledger([root], reader))
+
+
+def open_ingested(path: str | os.PathLike, limits: IngestLimits = IngestLimits(), *,
+                  required: bool = False) -> Image.Image:
     """`open_image` for a reader that only has the path: the root and sha256 come from the ingest ledger
     (`use_data_root`, the last `pipeline.paths.data_root()`, `$MISP_DATA_ROOT` or ./data). An image no ledger
-    records (a benchmark's images) is still checked for type, size and format, and read upright."""
+    records (a benchmark's images) is still checked for type, size and format, and read upright, unless
+    `required` (the trainer, whose every image came through ingest): then it raises `LedgerMissingError` when
+    no ledger is found, or `UnsafeImageError` when the ledgers found do not record the image."""
     record = recorded(path)
     if record is None:
+        if required:
+            roots = _roots()
+            found = [r for r in roots if ledger_files(r)]
+            if not found:
+                raise LedgerMissingError(f"image {path}: " + _no_ledger(roots, "the trainer"))
+            raise UnsafeImageError(
+                f"image {path} is not recorded in the image ledger of {', '.join(map(str, found))}: it did not come "
+                "through ingest there. Point --data_root or MISP_DATA_ROOT at the data root the shards were mined "
+                "in, or re-ingest"
+            )
         return open_image(path, limits=limits)
     sha, root = record
     return open_image(path, root=root, sha256=sha, limits=limits)

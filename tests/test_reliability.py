@@ -24,8 +24,9 @@ from PIL import Image
 from assets.definitions import all_assets
 from assets.resources import ClipModel, DataRoot, DataSource
 from pipeline.clip_train import WorldClipConfig, save_world_clip
-from pipeline.ingest import IngestLimits, ingest_examples
+from pipeline.ingest import IngestLimits, ingest_examples, write_result
 from pipeline.parquet_io import read_metadata
+from pipeline.paths import data_root
 from pipeline.safe_files import NotRegularFileError
 from pipeline.safe_image import ImageChangedError, UnsafeImageError, open_image
 from pipeline.sharding import shard_keys, shard_of
@@ -268,6 +269,12 @@ def test_exif_rotated_jpegs_are_read_upright_by_every_reader(tmp_path):
 
     path = tmp_path / "sideways.jpg"
     _sideways_jpeg(path)
+    # The trainer reads only images ingest recorded (its ledger under the data root): ingest this one first.
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "s", "prompt": "p", "chosen": "c", "image": "sideways.jpg"}) + "\n")
+    res = ingest_examples(manifest, shard=0, num_shards=1, progress=False)
+    write_result(res, source="examples", shard=0, root=tmp_path / "data")
+    data_root(tmp_path / "data")
     for read in (load_image, _load_image):
         getattr(read, "cache_clear", lambda: None)()
         im = read(str(path))
@@ -348,7 +355,6 @@ def test_exactly_one_good_example_names_the_sae_minimum_and_the_knob(tmp_path):
 
 def test_the_trainer_reads_only_what_ingest_recorded(tmp_path):
     """`trainer.rows.load_image` gets a path only: the ledger under the run's data root gives its sha256."""
-    from pipeline.paths import data_root
     from trainer.rows import load_image
 
     src = files_source(tmp_path, n=3)
@@ -479,3 +485,37 @@ def test_shard_fingerprint_follows_its_own_rows(tmp_path):
     rows[0]["note"] = "x"
     src["manifest"].write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert all(a != b for a, b in zip(after, fps()))
+
+
+def test_the_trainer_without_a_ledger_names_the_data_root_and_the_variable(tmp_path, monkeypatch):
+    """Images are verified against the data root's ledger; a data root without one (ingest ran elsewhere, or
+    MISP_DATA_ROOT points at the wrong folder) stops the trainer at once, not silently unverified."""
+    import pipeline.paths
+    import pipeline.safe_image
+    from pipeline.safe_image import LedgerMissingError
+    from trainer.config import load_config
+    from trainer.rows import load_image
+    from trainer.train import train
+
+    empty = tmp_path / "elsewhere"
+    monkeypatch.setenv("MISP_DATA_ROOT", str(empty))
+    with pytest.raises(LedgerMissingError, match=rf"data root {empty}.*MISP_DATA_ROOT \(now {empty}\)"):
+        train(load_config(None, ["--data_root", str(empty), "--run_name", "r"]), progress=False)
+    # A reader that only has a path (trainer.rows.load_image): the same error, naming where it looked.
+    image = tmp_path / "a.png"
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(image)
+    monkeypatch.setattr(pipeline.safe_image, "_registered", [])  # only this test's roots, not earlier tests'
+    monkeypatch.setattr(pipeline.paths, "_last", None)
+    getattr(load_image, "cache_clear", lambda: None)()
+    with pytest.raises(LedgerMissingError, match=rf"{image}: no image ledger under the data root {empty}.*MISP_DATA_ROOT"):
+        load_image(str(image))
+    # With a ledger that does not record the image (shards from another data root): named as such.
+    (tmp_path / "other").mkdir()
+    src = files_source(tmp_path / "other", n=1)
+    res = ingest_examples(src["manifest"], shard=0, num_shards=1, progress=False)
+    write_result(res, source="examples", shard=0, root=empty)
+    getattr(load_image, "cache_clear", lambda: None)()
+    with pytest.raises(pipeline.safe_image.UnsafeImageError, match=r"not recorded in the image ledger.*--data_root"):
+        load_image(str(image))
+    getattr(load_image, "cache_clear", lambda: None)()
+    assert load_image(res.rows["image_path"][0]).size == (32, 32)  # what ingest recorded is read

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from pipeline.parquet_io import write_json_atomic
 from pipeline.paths import data_root
+from pipeline.safe_image import require_ledger
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.losses import LossInputs, compute_loss, sample_from_proposal
@@ -93,6 +94,7 @@ def _row_logps(rows, values: torch.Tensor, loss_cfg) -> dict[str, torch.Tensor]:
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     paths = resolve_paths(cfg)
+    require_ledger(paths["root"])  # images are checked against what ingest recorded: fail now, not at step 1
     loss_cfg = cfg.loss_config()
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
     acc = Accelerator(mixed_precision=precision)
