@@ -196,7 +196,8 @@ def _digest_default(value: Any) -> Any:
     return str(value)
 
 
-def _row_digest(h: Any, item: Candidate | Quarantined, row: ManifestRow) -> None:
+def _row_digest(h: Any, row: ManifestRow) -> None:
+    """Add one row as read (its values, or its parse problem and source text) to the shard digest `h`."""
     blob = json.dumps([row.row_index, row.where, row.problem, row.raw if row.data is None else row.data],
                       sort_keys=True, default=_digest_default)
     h.update(blob.encode("utf-8", "backslashreplace"))
@@ -232,7 +233,7 @@ def _read_shard(reader: ManifestReader, cmap: ColumnMapping, limits: IngestLimit
         for i, ((key, item), row) in enumerate(zip(items, batch.rows)):
             if shard_of(key, num_shards) != shard:
                 continue
-            _row_digest(h, item, row)
+            _row_digest(h, row)
             if isinstance(item, Quarantined):
                 bad.append(item)
                 continue

@@ -197,6 +197,33 @@ def ledger_changes(ledger: pl.DataFrame, *, max_bytes: int, limit: int = 5) -> l
     return changes
 
 
+def ledger_fingerprint(ledger: pl.DataFrame, *, max_bytes: int) -> str:
+    """A content version of the image files a ledger records, as they are now: per image its path, where it
+    resolves and its sha256, taken from the ledger while the stamp (size, mtime, ctime, inode) is unchanged and
+    re-hashed where it changed. Equal to the version at ingest exactly when `ledger_changes` finds nothing, so
+    `fingerprint(shard_fingerprint(...), ledger_fingerprint(ledger))` is a shard's data version: touching a file
+    keeps it, new bytes change it."""
+    from pipeline.fingerprint import fingerprint
+
+    parts = []
+    for row in ledger.iter_rows(named=True):
+        path = Path(row["path"])
+        try:
+            target = str(path.resolve())
+        except (OSError, RuntimeError):
+            target = None
+        now = stamp(path)
+        was = None if row["size"] is None else FileStamp(row["size"], row["mtime_ns"], row["ctime_ns"], row["inode"])
+        if now is None:
+            sha = None
+        elif now == was and target == row["target"]:
+            sha = row["sha256"]
+        else:
+            sha = _sha256_or_none(Path(target or path), max_bytes)
+        parts.append((row["path"], target if row["target"] is not None else None, now is not None, sha))
+    return fingerprint(parts)
+
+
 # ------------------------------------------------------------------------------- readers that only have a path
 
 _lock = threading.Lock()

@@ -519,3 +519,27 @@ def test_the_trainer_without_a_ledger_names_the_data_root_and_the_variable(tmp_p
         load_image(str(image))
     getattr(load_image, "cache_clear", lambda: None)()
     assert load_image(res.rows["image_path"][0]).size == (32, 32)  # what ingest recorded is read
+
+
+def test_a_shards_data_version_follows_image_content_not_stamps(tmp_path):
+    """`fingerprint(shard_fingerprint(...), ledger_fingerprint(ledger))`: what an asset can report as a shard's data
+    version. Touching an image keeps it (re-hashed, same bytes); new bytes under the same name change it."""
+    from pipeline.fingerprint import fingerprint
+    from pipeline.manifest_shard import shard_fingerprint
+    from pipeline.safe_image import ledger_file, ledger_fingerprint
+
+    src = files_source(tmp_path, n=3)
+    res = ingest_examples(src["manifest"], shard=0, num_shards=1, progress=False)
+    write_result(res, source="examples", shard=0, root=src["data"])
+    ledger = pl.read_parquet(ledger_file(src["data"], "examples", "000"))
+
+    def version() -> str:
+        return fingerprint(shard_fingerprint(src["manifest"], shard=0, num_shards=1),
+                           ledger_fingerprint(ledger, max_bytes=IngestLimits().max_file_bytes))
+
+    v0 = version()
+    image = src["pos"] / "1.png"
+    os.utime(image, ns=(os.stat(image).st_atime_ns, os.stat(image).st_mtime_ns + 10**9))
+    assert version() == v0
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(image)
+    assert version() != v0
