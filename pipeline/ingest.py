@@ -16,7 +16,7 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import polars as pl
 import pyarrow as pa

@@ -507,7 +507,8 @@ def test_the_trainer_without_a_ledger_names_the_data_root_and_the_variable(tmp_p
     monkeypatch.setattr(pipeline.safe_image, "_registered", [])  # only this test's roots, not earlier tests'
     monkeypatch.setattr(pipeline.paths, "_last", None)
     getattr(load_image, "cache_clear", lambda: None)()
-    with pytest.raises(LedgerMissingError, match=rf"{image}: no image ledger under the data root {empty}.*MISP_DATA_ROOT"):
+    with pytest.raises(LedgerMissingError, match=rf"{image}: no image ledger under the data root {empty}.*"
+                                                 "MISP_DATA_ROOT"):
         load_image(str(image))
     # With a ledger that does not record the image (shards from another data root): named as such.
     (tmp_path / "other").mkdir()
@@ -519,6 +520,14 @@ def test_the_trainer_without_a_ledger_names_the_data_root_and_the_variable(tmp_p
         load_image(str(image))
     getattr(load_image, "cache_clear", lambda: None)()
     assert load_image(res.rows["image_path"][0]).size == (32, 32)  # what ingest recorded is read
+    # Eval checks the same ledger for the images it records (its benchmark images are never ingested).
+    from eval.run import _load_image
+
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(res.rows["image_path"][0])
+    _load_image.cache_clear()
+    with pytest.raises(ImageChangedError, match="changed since ingest"):
+        _load_image(res.rows["image_path"][0])
+    assert _load_image(str(image)).size == (16, 16)  # not recorded: type, size, format and EXIF checks only
 
 
 def test_a_shards_data_version_follows_image_content_not_stamps(tmp_path):
