@@ -12,6 +12,7 @@ from assets.resources import DataRoot, DataSource
 from pipeline.column_mapping import ColumnMapping
 from store.fingerprint import fingerprint, frame_fingerprint, sha256_file
 from pipeline.ingest import IngestLimits, IngestResult, NoUsableRowsError, ingest_examples, ingest_pool
+from pipeline.manifest_shard import shard_fingerprint
 from store.parquet_io import is_current, read_metadata, read_pair_if_current, write_pair, write_parquet_atomic
 from store.safe_image import ledger_changes, ledger_file, ledger_frame
 from store.paths import shard_file
@@ -64,11 +65,12 @@ def _ingest_or_reuse(context, fp: str, out, qout, ledger_path, limits: IngestLim
     manifest or listing (in `fp`) and every image file the shard checked: the ledger's stamps (size, mtime,
     ctime, inode), re-hashing a file only where its stamp changed (`store.safe_image.ledger_changes`)."""
     pair = read_pair_if_current(out, qout, fp)
-    if pair is not None and pair[0].height and is_current(ledger_path, fp):
+    # A shard whose every row was quarantined is rerun (so that it stops with the reason again); an empty one is not.
+    if pair is not None and (pair[0].height or not pair[1].height) and is_current(ledger_path, fp):
         changes = ledger_changes(pl.read_parquet(ledger_path), max_bytes=limits.max_file_bytes)
         if not changes:
-            context.log.info(f"shard {context.partition_key}: inputs unchanged (manifest and image files), "
-                             f"reusing {out}")
+            context.log.info(f"shard {context.partition_key}: inputs unchanged (its manifest rows or pool listing, "
+                             f"and its image files), reusing {out}")
             return IngestResult(*pair, int(read_metadata(out)["rows_in"]), images=pl.read_parquet(ledger_path))
         context.log.info(f"shard {context.partition_key}: image files changed since the last ingest "
                          f"({'; '.join(changes)}); re-ingesting")
@@ -133,7 +135,10 @@ def preference_examples(context: dg.AssetExecutionContext, data_root: DataRoot,
     out = shard_file(root / "ingest" / "examples", context.partition_key)
     qout = shard_file(root / "ingest" / "quarantine", context.partition_key, prefix="examples-shard=")
     limits = IngestLimits()
-    fp = fingerprint("examples", sha256_file(manifest, what="manifest"), str(image_root), mapping, limits, n, shard)
+    # This shard's own rows (plus the layout all shards share), not the whole file: a changed row re-ingests
+    # only its shard. The image files are covered by the shard's ledger (`_ingest_or_reuse`).
+    fp = fingerprint("examples", shard_fingerprint(manifest, mapping=mapping, shard=shard, num_shards=n, limits=limits,
+                                                   image_store=root / "ingest" / "images", parts=(str(image_root),)))
     result = _ingest_or_reuse(context, fp, out, qout, _ledger_file(root, "examples", context.partition_key), limits,
                               lambda: ingest_examples(manifest, image_root=image_root, mapping=mapping, shard=shard,
                                                       num_shards=n, limits=limits, progress=True,

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import logging
 import os
-import unicodedata
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import polars as pl
+import pyarrow as pa
 from tqdm.auto import tqdm
 
-from pipeline.column_mapping import MISSING, ColumnMapping, FieldError, derive_id, lookup, strip_llava_prompt
+from pipeline.column_mapping import MISSING, ColumnMapping, strip_llava_prompt
 from pipeline.image_checks import IMAGE_EXTENSIONS, ImageInfo, ImageProblem, check_image
-from pipeline.ingest_manifest import Manifest, StoredImage, extra_columns_frame, read_manifest
+from pipeline.ingest_manifest import ManifestReader, StoredImage
+from pipeline.manifest_shard import Candidate, ShardRows, other_shard_candidates, read_shard, source_has
 from pipeline.ingest_schema import (
     EXAMPLE_SCHEMA,
     POOL_SCHEMA,
@@ -32,6 +33,7 @@ from pipeline.ingest_schema import (
     Quarantined,
     quarantine_frame,
     raw_json,
+    is_blank,
     short_text,
 )
 from store.paths import DATA_ROOT_ENV
@@ -211,48 +213,12 @@ def _resolve_inside(path: Path, root: Path, shown: str) -> Path | ImageProblem:
 # ------------------------------------------------------------------------------------------------------- examples
 
 
-def _id_text(value: Any) -> str | None:
-    """An id as text: strings and integers are ids (RLHF-V's `idx` is int64); anything else is not."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return None
-
-
-def _source_has(manifest: Manifest, path: str) -> bool:
-    return path in manifest.columns or path.split(".")[0] in manifest.columns
-
-
-class _Candidate(NamedTuple):
-    """A row that parsed and has an id; the remaining checks run only for rows of the requested shard."""
-
-    row_index: int
-    where: str
-    example_id: str
-    fields: dict[str, Any]
-    data: dict[str, Any]
-
-
 class NoUsableRowsError(ValueError):
     """No row of the whole input survives ingest. `result` is this shard's result (its quarantine says why)."""
 
     def __init__(self, message: str, result: IngestResult):
         super().__init__(message)
         self.result = result
-
-
-# Characters that render as nothing: a text made only of these (and whitespace) is empty. Unicode categories
-# Cc/Cf (controls, zero-width space/joiners, BOM, bidi marks), Zs/Zl/Zp (separators), Mn/Me (combining marks with
-# nothing to combine with), plus the "filler" letters that fonts draw blank.
-_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Me"})
-_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u17b4\u17b5")
-
-
-def is_blank(text: str) -> bool:
-    """True when `text` shows nothing: empty, whitespace, or only invisible characters (zero-width spaces...)."""
-    return all(ch.isspace() or ch in _BLANK_LETTERS or unicodedata.category(ch) in _INVISIBLE_CATEGORIES
-               for ch in text)
 
 
 def default_image_store() -> Path:
@@ -280,8 +246,9 @@ def ingest_examples(
     `image_store`: where images given as bytes in the manifest (`ColumnMapping.image_bytes`) are written, one file
     per distinct image (default `<data root>/ingest/images`); they are then checked like any file, with the store
     as their root.
-    Duplicate ids are found over the whole manifest (the first row in file order wins), then rows are sharded by
-    `example_id`; rows without a readable id are sharded by `#row=<row_index>`.
+    The manifest is streamed and only this shard's rows are kept (memory: a block of rows plus the shard, see
+    `pipeline.manifest_shard`). Rows are sharded by `example_id` (rows without a readable id by
+    `#row=<row_index>`), so all copies of an id share a shard: the first row in file order keeps the id.
     `require_usable`: raise `NoUsableRowsError` (carrying this shard's result) when no row of the whole manifest
     can be used, instead of returning empty tables that later stages would fail on with less useful advice.
     """
@@ -293,110 +260,50 @@ def ingest_examples(
         raise FileNotFoundError(f"image root {root_given} is not an existing folder; pass image_root=")
     root = root_given.resolve()
     store = Path(image_store).expanduser().resolve() if image_store is not None else default_image_store()
-    m = read_manifest(manifest_path, needed=cmap.top_level_columns(), image_bytes=cmap.image_bytes,
-                      image_store=store, max_row_bytes=limits.max_row_bytes, max_image_bytes=limits.max_file_bytes)
-    notes = list(m.notes)
-
-    derive = cmap.id is None or not _source_has(m, cmap.id)
-    if derive:
+    reader = ManifestReader(manifest_path, needed=cmap.top_level_columns(), image_bytes=cmap.image_bytes,
+                            max_row_bytes=limits.max_row_bytes)
+    # One streaming pass keeps this shard's rows only (manifest_shard.py); the layout is the whole manifest's.
+    sel = read_shard(reader, cmap, limits, shard, num_shards, image_store=store)
+    layout = sel.layout
+    notes = list(layout.notes)
+    if reader.embedded:
+        notes.append(f"images of column {reader.embedded!r} written once each to {store} (content-addressed)")
+    if layout.derive:
         why = "the mapping has no id column" if cmap.id is None else f"column {cmap.id!r} is absent from the manifest"
         notes.append(f"{why}: example ids are derived from content (sha1 of image, prompt, chosen, rejected; 16 hex)")
-    has_bytes = cmap.image_bytes is not None and cmap.image_bytes in m.columns
-    mapped = [f for f in ("prompt", "chosen", "rejected", "image") if getattr(cmap, f) is not None]
-    if any(r.data is not None for r in m.rows):  # when no row parses, each is quarantined instead
-        absent = [getattr(cmap, f) for f in ("prompt", "chosen", "image") if not _source_has(m, getattr(cmap, f))
-                  and not (f == "image" and has_bytes)]
+    has_bytes = cmap.image_bytes is not None and cmap.image_bytes in layout.columns
+    if layout.parsed:  # when no row parses, each is quarantined instead
+        absent = [getattr(cmap, f) for f in ("prompt", "chosen", "image")
+                  if not source_has(layout.columns, getattr(cmap, f)) and not (f == "image" and has_bytes)]
         if absent:
             raise ValueError(
                 f"manifest {manifest_path}: mapped column(s) {absent} are absent from every row (its columns: "
-                f"{m.columns[:20]}); pick the right preset or pass mapping={{'prompt': ..., 'chosen': ..., 'image': ...}}"
+                f"{layout.columns[:20]}); pick the right preset or pass mapping={{'prompt': ..., 'chosen': ..., "
+                "'image': ...}"
             )
-        if cmap.rejected is not None and not _source_has(m, cmap.rejected):
+        if cmap.rejected is not None and not source_has(layout.columns, cmap.rejected):
             notes.append(f"column {cmap.rejected!r} is absent: no example has a rejected response")
     for note in notes:
         log.info("examples %s: %s", manifest_path.name, note)
 
-    # Pass 1, whole manifest: parse, read the mapped fields, find ids and duplicates.
-    bad_all: list[tuple[str, Quarantined]] = []  # (shard key, row)
-    candidates: list[_Candidate] = []
-    first_seen: dict[str, tuple[int, str]] = {}
-    for r in m.rows:
-        row_key = f"#row={r.row_index}"
-        if r.data is None:
-            reason, detail = r.problem
-            bad_all.append((row_key, Quarantined(r.row_index, None, reason, detail, raw_json(r.raw or ""))))
-            continue
-        fields: dict[str, Any] = {}
-        try:
-            for f in ("id", *mapped):
-                path = getattr(cmap, f)
-                if path is not None and not (f == "id" and derive):
-                    fields[f] = lookup(r.data, path)
-        except FieldError as exc:
-            detail = f"{r.where}: {exc}; fix the column or the column mapping"
-            bad_all.append((row_key, Quarantined(r.row_index, None, "malformed_row", detail, raw_json(r.data))))
-            continue
-        stored = r.data.get(cmap.image_bytes) if has_bytes else None
-        if isinstance(stored, StoredImage):
-            fields["stored"] = stored
-        if derive:
-            # A stored image counts by its content-addressed name, so that ids do not depend on the data root.
-            image = (Path(stored.path).name if stored.path else None) if isinstance(stored, StoredImage) \
-                else fields.get("image", MISSING)
-            content = [image, *(fields.get(f, MISSING) for f in ("prompt", "chosen", "rejected"))]
-            example_id = derive_id(*(None if v is MISSING else v for v in content))
-        else:
-            value = fields["id"]
-            example_id = _id_text(value) if value is not MISSING else None
-            if value is MISSING or value is None or (example_id is not None and is_blank(example_id)):
-                detail = (f"{r.where} has no id in column {cmap.id!r} (or only invisible characters); "
-                          "give every row a unique id")
-                bad_all.append((row_key, Quarantined(r.row_index, None, "missing_field", detail, raw_json(r.data))))
-                continue
-            if example_id is None:
-                detail = (
-                    f"{r.where}: id {short_text(repr(value))} in column {cmap.id!r} has type {type(value).__name__}; "
-                    "use a string or an integer"
-                )
-                bad_all.append((row_key, Quarantined(r.row_index, None, "malformed_row", detail, raw_json(r.data))))
-                continue
-            if len(example_id) > limits.max_id_chars:
-                detail = (f"{r.where}: the id in column {cmap.id!r} has {len(example_id):,} characters > "
-                          f"max_id_chars={limits.max_id_chars:,}; use a short unique id or raise "
-                          "IngestLimits.max_id_chars")
-                bad_all.append((row_key, Quarantined(r.row_index, short_text(example_id), "text_too_long", detail,
-                                                     raw_json(r.data))))
-                continue
-        if example_id in first_seen:
-            first, first_where = first_seen[example_id]
-            detail = (
-                f"{r.where}: id {example_id!r} already used by row {first} ({first_where}), which is kept; "
-                "give this row its own id or delete it"
-            )
-            bad_all.append((example_id, Quarantined(r.row_index, example_id, "duplicate_id", detail, raw_json(r.data))))
-            continue
-        first_seen[example_id] = (r.row_index, r.where)
-        candidates.append(_Candidate(r.row_index, r.where, example_id, fields, r.data))
-
-    # Pass 2, this shard only: text checks, path checks, image checks (each distinct image once).
-    bad = [q for key, q in bad_all if shard_of(key, num_shards) == shard]
-    mine = [c for c in candidates if shard_of(c.example_id, num_shards) == shard]
-    rows_in = len(bad) + len(mine)
-    n_parse_bad = len(bad)  # reasons found in pass 1; pass 2 appends this shard's own
+    # This shard only: text checks, path checks, image checks (each distinct image once).
+    bad = list(sel.bad)
+    n_parse_bad = len(bad)  # reasons found while reading; the checks below append this shard's own
     checked: dict[str, ImageInfo | ImageProblem] = {}
     ledger: dict[str, dict[str, Any]] = {}
-    kept: list[tuple[_Candidate, dict[str, Any]]] = []
-    for c in tqdm(mine, desc=f"examples shard {shard:03d}", disable=not progress, unit="row"):
+    kept: list[tuple[int, dict[str, Any]]] = []  # (position in sel.candidates, output row)
+    for i, c in enumerate(tqdm(sel.candidates, desc=f"examples shard {shard:03d}", disable=not progress,
+                               unit="row")):
         out = _check_example(c, cmap, limits, root, checked, ledger)
         if isinstance(out, Quarantined):
             bad.append(out)
         else:
-            kept.append((c, out))
+            kept.append((i, out))
 
     rows = pl.DataFrame([{**row, "shard": shard} for _, row in kept], schema=EXAMPLE_SCHEMA)
-    extras = [c for c in m.columns if c not in cmap.top_level_columns()]
+    extras = [c for c in layout.columns if c not in cmap.top_level_columns()]
     if extras:
-        frame = extra_columns_frame(m, extras, [c.row_index for c, _ in kept])
+        frame = _extra_columns(sel, extras, [i for i, _ in kept])
         renames = {}
         for name in extras:
             new = name
@@ -411,14 +318,15 @@ def ingest_examples(
     result = IngestResult(
         rows=rows,
         quarantine=quarantine_frame(bad, "examples"),
-        rows_in=rows_in,
+        rows_in=sel.rows_in,
         notes=tuple(notes),
         images=ledger_frame(ledger.values()),
     ).check()
-    if require_usable and not kept and not _any_usable(candidates, shard, num_shards, cmap, limits, root):
-        reasons = Counter(q.reason for _, q in bad_all) + Counter(q.reason for q in bad[n_parse_bad:])
+    if require_usable and not kept and not _any_usable(reader, cmap, limits, root, shard, num_shards,
+                                                        layout.derive, store):
+        reasons = layout.reasons + Counter(q.reason for q in bad[n_parse_bad:])
         raise NoUsableRowsError(
-            f"manifest {manifest_path}: none of its {len(m.rows)} rows can be used (quarantine reasons, this shard "
+            f"manifest {manifest_path}: none of its {layout.rows} rows can be used (quarantine reasons, this shard "
             f"and the whole manifest's parse/id checks: {dict(reasons.most_common())}). Read the quarantine tables "
             "(<data root>/ingest/quarantine/examples-shard=*.parquet, column `detail` says what to fix), fix the "
             "manifest, the column mapping or the image root, and re-run",
@@ -427,14 +335,24 @@ def ingest_examples(
     return result
 
 
-def _any_usable(candidates: list[_Candidate], shard: int, num_shards: int, cmap: ColumnMapping,
-                limits: IngestLimits, root: Path) -> bool:
+def _extra_columns(sel: ShardRows, columns: list[str], positions: list[int]) -> pl.DataFrame:
+    """The extra (unmapped) columns of the kept candidates `positions`, typed as over the whole manifest (every
+    shard's table has the same schema): Parquet columns keep their Arrow types, JSON ones `ColumnTypes`."""
+    if sel.extras is not None:
+        taken = sel.extras.select(columns).take(pa.array(positions, type=pa.int64()))
+        return pl.DataFrame(pl.from_arrow(taken))
+    types = sel.layout.extra_types
+    data = [sel.candidates[i].data for i in positions]
+    return pl.DataFrame([types.series(name, (d.get(name) for d in data)) for name in columns])
+
+
+def _any_usable(reader: ManifestReader, cmap: ColumnMapping, limits: IngestLimits, root: Path, shard: int,
+                num_shards: int, derive: bool, store: Path) -> bool:
     """Whether a row of another shard passes every check short of decoding its image (text, path, a regular
-    non-empty file of allowed size): cheap, and it stops at the first such row."""
-    for c in candidates:
-        if shard_of(c.example_id, num_shards) != shard:
-            if not isinstance(_check_example(c, cmap, limits, root, {}, {}, probe=True), Quarantined):
-                return True
+    non-empty file of allowed size): the manifest is read again, and only until the first such row."""
+    for c in other_shard_candidates(reader, cmap, limits, shard, num_shards, derive=derive, image_store=store):
+        if not isinstance(_check_example(c, cmap, limits, root, {}, {}, probe=True), Quarantined):
+            return True
     return False
 
 
@@ -452,7 +370,7 @@ def _probe_image(target: Path, limits: IngestLimits) -> ImageInfo | ImageProblem
 
 
 def _check_example(
-    c: _Candidate,
+    c: Candidate,
     cmap: ColumnMapping,
     limits: IngestLimits,
     root: Path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections import Counter
 from typing import Any, NamedTuple
 
@@ -145,3 +146,16 @@ def quarantine_frame(items: list[Quarantined], source: str) -> pl.DataFrame:
     """The quarantine table of `items`, sorted by row, with the exact schema of docs/data.md."""
     rows = [q.as_row(source) for q in sorted(items, key=lambda q: q.row_index)]
     return pl.DataFrame(rows, schema=QUARANTINE_SCHEMA)
+
+
+# Characters that render as nothing: a text made only of these (and whitespace) is empty. Unicode categories
+# Cc/Cf (controls, zero-width space/joiners, BOM, bidi marks), Zs/Zl/Zp (separators), Mn/Me (combining marks with
+# nothing to combine with), plus the "filler" letters that fonts draw blank.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Me"})
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u17b4\u17b5")
+
+
+def is_blank(text: str) -> bool:
+    """True when `text` shows nothing: empty, whitespace, or only invisible characters (zero-width spaces...)."""
+    return all(ch.isspace() or ch in _BLANK_LETTERS or unicodedata.category(ch) in _INVISIBLE_CATEGORIES
+               for ch in text)

@@ -58,6 +58,10 @@ class ImageChangedError(UnsafeImageError):
     """An image whose bytes no longer hash to what ingest recorded."""
 
 
+class LedgerMissingError(UnsafeImageError):
+    """A reader that must verify images (the trainer) found no image ledger under the data root."""
+
+
 class FileStamp(NamedTuple):
     """What `stat` says about a file: a change in any field means its bytes may have changed."""
 
@@ -192,6 +196,33 @@ def ledger_changes(ledger: pl.DataFrame, *, max_bytes: int, limit: int = 5) -> l
     return changes
 
 
+def ledger_fingerprint(ledger: pl.DataFrame, *, max_bytes: int) -> str:
+    """A content version of the image files a ledger records, as they are now: per image its path, where it
+    resolves and its sha256, taken from the ledger while the stamp (size, mtime, ctime, inode) is unchanged and
+    re-hashed where it changed. Equal to the version at ingest exactly when `ledger_changes` finds nothing, so
+    `fingerprint(shard_fingerprint(...), ledger_fingerprint(ledger))` is a shard's data version: touching a file
+    keeps it, new bytes change it."""
+    from store.fingerprint import fingerprint
+
+    parts = []
+    for row in ledger.iter_rows(named=True):
+        path = Path(row["path"])
+        try:
+            target = str(path.resolve())
+        except (OSError, RuntimeError):
+            target = None
+        now = stamp(path)
+        was = None if row["size"] is None else FileStamp(row["size"], row["mtime_ns"], row["ctime_ns"], row["inode"])
+        if now is None:
+            sha = None
+        elif now == was and target == row["target"]:
+            sha = row["sha256"]
+        else:
+            sha = _sha256_or_none(Path(target or path), max_bytes)
+        parts.append((row["path"], target if row["target"] is not None else None, now is not None, sha))
+    return fingerprint(parts)
+
+
 # ------------------------------------------------------------------------------- readers that only have a path
 
 _lock = threading.Lock()
@@ -256,12 +287,44 @@ def recorded(path: str | os.PathLike) -> tuple[str, str] | None:
     return None
 
 
-def open_ingested(path: str | os.PathLike, limits: IngestLimits = IngestLimits()) -> Image.Image:
+def _no_ledger(roots: list[Path], reader: str) -> str:
+    from store.paths import DATA_ROOT_ENV
+
+    where = ", ".join(str(r) for r in roots)
+    env = os.environ.get(DATA_ROOT_ENV)
+    return (f"no image ledger under the data root {where} (ingest writes <data root>/ledger/*.parquet when it "
+            f"materialises pool_images / preference_examples); {reader} reads only images whose sha256 ingest "
+            f"recorded there. Point --data_root or {DATA_ROOT_ENV} (now {env or 'unset'}) at the data root the "
+            "shards were mined in, or run ingest into this one")
+
+
+def require_ledger(root: str | os.PathLike, reader: str = "the trainer") -> None:
+    """Raise `LedgerMissingError` (naming `root` and `$MISP_DATA_ROOT`) unless `root` holds an image ledger: a
+    reader that must verify every image fails at its start, not at its first image."""
+    root = Path(root).expanduser().resolve()
+    if not ledger_files(root):
+        raise LedgerMissingError(_no_ledger([root], reader))
+
+
+def open_ingested(path: str | os.PathLike, limits: IngestLimits = IngestLimits(), *,
+                  required: bool = False) -> Image.Image:
     """`open_image` for a reader that only has the path: the root and sha256 come from the ingest ledger
     (`use_data_root`, the last `store.paths.data_root()`, `$MISP_DATA_ROOT` or ./data). An image no ledger
-    records (a benchmark's images) is still checked for type, size and format, and read upright."""
+    records (a benchmark's images) is still checked for type, size and format, and read upright, unless
+    `required` (the trainer, whose every image came through ingest): then it raises `LedgerMissingError` when
+    no ledger is found, or `UnsafeImageError` when the ledgers found do not record the image."""
     record = recorded(path)
     if record is None:
+        if required:
+            roots = _roots()
+            found = [r for r in roots if ledger_files(r)]
+            if not found:
+                raise LedgerMissingError(f"image {path}: " + _no_ledger(roots, "the trainer"))
+            raise UnsafeImageError(
+                f"image {path} is not recorded in the image ledger of {', '.join(map(str, found))}: it did not come "
+                "through ingest there. Point --data_root or MISP_DATA_ROOT at the data root the shards were mined "
+                "in, or re-ingest"
+            )
         return open_image(path, limits=limits)
     sha, root = record
     return open_image(path, root=root, sha256=sha, limits=limits)

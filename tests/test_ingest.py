@@ -410,6 +410,27 @@ def test_extra_columns_keep_types_and_avoid_clashes(tmp_path: Path) -> None:
     assert len(schemas) == 1
 
 
+def test_extra_column_types_are_decided_over_the_whole_streamed_manifest(tmp_path: Path) -> None:
+    """Shards keep only their rows, yet agree on each extra column's type, across blocks of 1,024 rows: a list that
+    is empty in the first block and holds ints later is a list of ints; a column that is an int in the first block
+    and text in the last is JSON text in every shard, including shards that only saw ints."""
+    save(rgb(), tmp_path / "a.png")
+    n = 2500
+    rows = [{"id": f"r{i}", "prompt": "p", "chosen": "c", "image": "a.png", "tags": [] if i < 1500 else [i],
+             "late": i if i < n - 1 else "last", "nested": {"k": i, "v": None if i % 2 else "x"}} for i in range(n)]
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    parts = [ingest_examples(path, shard=s, num_shards=3, progress=False) for s in range(3)]
+    assert sum(p.rows.height for p in parts) == n
+    assert len({tuple(p.rows.schema.items()) for p in parts}) == 1
+    schema = parts[0].rows.schema
+    assert schema["tags"] == pl.List(pl.Int64) and schema["late"] == pl.String
+    assert schema["nested"] == pl.Struct({"k": pl.Int64, "v": pl.String})
+    got = {r["example_id"]: r for p in parts for r in p.rows.iter_rows(named=True)}
+    assert got["r0"]["tags"] == [] and got["r2000"]["tags"] == [2000] and got["r7"]["late"] == "7"
+    assert got[f"r{n - 1}"]["late"] == '"last"' and got["r3"]["nested"] == {"k": 3, "v": None}
+
+
 def test_manifest_errors(tmp_path: Path) -> None:
     save(rgb(), tmp_path / "a.png")
     kw = dict(shard=0, num_shards=1, progress=False)

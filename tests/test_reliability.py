@@ -26,9 +26,20 @@ from assets.resources import ClipModel, DataRoot, DataSource
 from world.clip import WorldClipConfig, save_world_clip
 from pipeline.ingest import IngestLimits, ingest_examples
 from store.parquet_io import read_metadata
+from store.paths import data_root
 from store.safe_files import NotRegularFileError
 from store.safe_image import ImageChangedError, UnsafeImageError, open_image
 from pipeline.sharding import shard_keys, shard_of
+
+
+
+def write_ledger(result, root) -> None:
+    """Record an examples ingest of shard 0 under `root`'s ledger (what the asset writes), for readers that need it."""
+    from store.parquet_io import write_parquet_atomic
+    from store.safe_image import ledger_file
+
+    write_parquet_atomic(result.images, ledger_file(Path(root), "examples", "000"))
+
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200),
            (120, 120, 120), (250, 140, 0)]
@@ -268,6 +279,12 @@ def test_exif_rotated_jpegs_are_read_upright_by_every_reader(tmp_path):
 
     path = tmp_path / "sideways.jpg"
     _sideways_jpeg(path)
+    # The trainer reads only images ingest recorded (its ledger under the data root): ingest this one first.
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "s", "prompt": "p", "chosen": "c", "image": "sideways.jpg"}) + "\n")
+    res = ingest_examples(manifest, shard=0, num_shards=1, progress=False)
+    write_ledger(res, tmp_path / "data")
+    data_root(tmp_path / "data")
     for read in (load_image, _load_image):
         getattr(read, "cache_clear", lambda: None)()
         im = read(str(path))
@@ -348,7 +365,6 @@ def test_exactly_one_good_example_names_the_sae_minimum_and_the_knob(tmp_path):
 
 def test_the_trainer_reads_only_what_ingest_recorded(tmp_path):
     """`trainer.rows.load_image` gets a path only: the ledger under the run's data root gives its sha256."""
-    from store.paths import data_root
     from trainer.rows import load_image
 
     src = files_source(tmp_path, n=3)
@@ -365,3 +381,184 @@ def test_the_trainer_reads_only_what_ingest_recorded(tmp_path):
     getattr(load_image, "cache_clear", lambda: None)()
     with pytest.raises(ImageChangedError, match="changed since ingest"):
         load_image(path)
+
+
+# ------------------------------------------------------------------------------ memory bounded by the shard
+
+
+def _manifest_with_shard_rows(path: Path, image: str, shard_rows: int, other_rows: int, num_shards: int) -> None:
+    """JSON Lines with `shard_rows` rows of shard 0 and `other_rows` rows of the other shards, interleaved."""
+    mine, others, i = [], [], 0
+    while len(mine) < shard_rows or len(others) < other_rows:
+        key = f"row-{i:07d}"
+        target = mine if shard_of(key, num_shards) == 0 else others
+        if len(target) < (shard_rows if target is mine else other_rows):
+            target.append(json.dumps({"id": key, "prompt": f"What is in picture {i}?", "chosen": "A square.",
+                                      "rejected": "A circle.", "image": image, "extra": i}))
+        i += 1
+    step = max(1, len(others) // max(1, len(mine)))
+    lines = []
+    for j, line in enumerate(others):
+        if j % step == 0 and mine:
+            lines.append(mine.pop())
+        lines.append(line)
+    path.write_text("\n".join(lines + mine) + "\n")
+
+
+def _ingest_peak(path: Path, num_shards: int):
+    tracemalloc.start()
+    try:
+        res = ingest_examples(path, shard=0, num_shards=num_shards, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return res, peak
+
+
+def test_ingest_of_one_shard_holds_that_shards_rows_not_the_manifests(tmp_path):
+    """Ten times more rows of other shards must not raise the peak: the rows are filtered by shard as they
+    stream past (before, every parsed row of the manifest was held: ~1.6 KB each, ~80 MB here)."""
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(tmp_path / "a.png")
+    small, big = tmp_path / "small.jsonl", tmp_path / "big.jsonl"
+    _manifest_with_shard_rows(small, "a.png", shard_rows=1000, other_rows=5_000, num_shards=8)
+    _manifest_with_shard_rows(big, "a.png", shard_rows=1000, other_rows=50_000, num_shards=8)
+    res_small, peak_small = _ingest_peak(small, 8)
+    res_big, peak_big = _ingest_peak(big, 8)
+    assert res_small.rows.height == res_big.rows.height == 1000
+    assert res_small.rows["example_id"].sort().equals(res_big.rows["example_id"].sort())
+    assert res_big.rows["extra"].dtype == pl.Int64  # the extra column's type still comes from the whole file
+    extra_text = big.stat().st_size - small.stat().st_size  # ~5 MB of other shards' rows
+    assert peak_big < peak_small + extra_text // 5, (
+        f"peak {peak_big:,} bytes for the big manifest vs {peak_small:,} for the small one: other shards' rows "
+        f"({extra_text:,} bytes of text) were held")
+    assert peak_big < big.stat().st_size
+
+
+# -------------------------------------------------------------------------------- per-shard recompute
+
+
+def test_one_changed_row_reingests_only_its_shard(tmp_path):
+    """The examples ingest is fingerprinted per shard (its own rows as read + the shared layout), so editing one
+    row leaves every other shard's files untouched (same bytes, same mtime) and logs that they were reused."""
+    src = files_source(tmp_path, n=8)
+    res = resources(src)
+    keys = shard_keys()
+    assert len(keys) >= 2
+    instance = dg.DagsterInstance.ephemeral()
+    assert materialize(["source_data"], res, instance=instance).success
+    for key in keys:
+        assert materialize(["preference_examples"], res, key, instance).success
+
+    def files_of(key: str) -> list[Path]:
+        return [src["data"] / "ingest" / "examples" / f"shard={key}.parquet",
+                src["data"] / "ingest" / "quarantine" / f"examples-shard={key}.parquet",
+                src["data"] / "ledger" / f"examples-shard={key}.parquet"]
+
+    def state(key: str) -> list[tuple[int, bytes]]:
+        return [(os.stat(p).st_mtime_ns, p.read_bytes()) for p in files_of(key)]
+
+    before = {key: state(key) for key in keys}
+    changed = shard_key_of("ex4")
+    rows = src["rows"]
+    rows[4]["prompt"] = "Which colour is square 4, really?"
+    src["manifest"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert materialize(["source_data"], res, instance=instance).success
+    messages = {}
+    for key in keys:
+        result = materialize(["preference_examples"], res, key, instance)
+        assert result.success
+        messages[key] = " ".join(e.user_message for e in instance.all_logs(result.run_id))
+    for key in keys:
+        if key == changed:
+            assert state(key)[0] != before[key][0] and "reusing" not in messages[key]
+        else:
+            assert state(key) == before[key], f"shard {key} was rewritten though none of its rows changed"
+            assert "inputs unchanged" in messages[key] and "reusing" in messages[key]
+    rows_after, _ = examples_of(src, changed)
+    assert dict(zip(rows_after["example_id"], rows_after["prompt"]))["ex4"] == "Which colour is square 4, really?"
+
+
+def test_shard_fingerprint_follows_its_own_rows(tmp_path):
+    from pipeline.manifest_shard import shard_fingerprint
+
+    src = files_source(tmp_path, n=8)
+    n = 4
+    fps = lambda: [shard_fingerprint(src["manifest"], shard=s, num_shards=n) for s in range(n)]  # noqa: E731
+    before = fps()
+    rows = src["rows"]
+    rows[4]["chosen"] = "another answer"
+    src["manifest"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    after = fps()
+    changed = shard_of("ex4", n)
+    assert [s for s in range(n) if before[s] != after[s]] == [changed]
+    # A new extra column changes what every shard's table holds (its schema): every shard is redone.
+    rows[0]["note"] = "x"
+    src["manifest"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert all(a != b for a, b in zip(after, fps()))
+
+
+def test_the_trainer_without_a_ledger_names_the_data_root_and_the_variable(tmp_path, monkeypatch):
+    """Images are verified against the data root's ledger; a data root without one (ingest ran elsewhere, or
+    MISP_DATA_ROOT points at the wrong folder) stops the trainer at once, not silently unverified."""
+    import store.paths
+    import store.safe_image
+    from store.safe_image import LedgerMissingError
+    from trainer.config import load_config
+    from trainer.rows import load_image
+    from trainer.train import train
+
+    empty = tmp_path / "elsewhere"
+    monkeypatch.setenv("MISP_DATA_ROOT", str(empty))
+    with pytest.raises(LedgerMissingError, match=rf"data root {empty}.*MISP_DATA_ROOT \(now {empty}\)"):
+        train(load_config(None, ["--data_root", str(empty), "--run_name", "r"]), progress=False)
+    # A reader that only has a path (trainer.rows.load_image): the same error, naming where it looked.
+    image = tmp_path / "a.png"
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(image)
+    monkeypatch.setattr(store.safe_image, "_registered", [])  # only this test's roots, not earlier tests'
+    monkeypatch.setattr(store.paths, "_last", None)
+    getattr(load_image, "cache_clear", lambda: None)()
+    with pytest.raises(LedgerMissingError, match=rf"{image}: no image ledger under the data root {empty}.*"
+                                                 "MISP_DATA_ROOT"):
+        load_image(str(image))
+    # With a ledger that does not record the image (shards from another data root): named as such.
+    (tmp_path / "other").mkdir()
+    src = files_source(tmp_path / "other", n=1)
+    res = ingest_examples(src["manifest"], shard=0, num_shards=1, progress=False)
+    write_ledger(res, empty)
+    getattr(load_image, "cache_clear", lambda: None)()
+    with pytest.raises(store.safe_image.UnsafeImageError, match=r"not recorded in the image ledger.*--data_root"):
+        load_image(str(image))
+    getattr(load_image, "cache_clear", lambda: None)()
+    assert load_image(res.rows["image_path"][0]).size == (32, 32)  # what ingest recorded is read
+    # Eval checks the same ledger for the images it records (its benchmark images are never ingested).
+    from eval.run import _load_image
+
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(res.rows["image_path"][0])
+    _load_image.cache_clear()
+    with pytest.raises(ImageChangedError, match="changed since ingest"):
+        _load_image(res.rows["image_path"][0])
+    assert _load_image(str(image)).size == (16, 16)  # not recorded: type, size, format and EXIF checks only
+
+
+def test_a_shards_data_version_follows_image_content_not_stamps(tmp_path):
+    """`fingerprint(shard_fingerprint(...), ledger_fingerprint(ledger))`: what an asset can report as a shard's data
+    version. Touching an image keeps it (re-hashed, same bytes); new bytes under the same name change it."""
+    from store.fingerprint import fingerprint
+    from pipeline.manifest_shard import shard_fingerprint
+    from store.safe_image import ledger_file, ledger_fingerprint
+
+    src = files_source(tmp_path, n=3)
+    res = ingest_examples(src["manifest"], shard=0, num_shards=1, progress=False)
+    write_ledger(res, src["data"])
+    ledger = pl.read_parquet(ledger_file(src["data"], "examples", "000"))
+
+    def version() -> str:
+        return fingerprint(shard_fingerprint(src["manifest"], shard=0, num_shards=1),
+                           ledger_fingerprint(ledger, max_bytes=IngestLimits().max_file_bytes))
+
+    v0 = version()
+    image = src["pos"] / "1.png"
+    os.utime(image, ns=(os.stat(image).st_atime_ns, os.stat(image).st_mtime_ns + 10**9))
+    assert version() == v0
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(image)
+    assert version() != v0

@@ -22,7 +22,7 @@ from trainer.model_loading import EncodedBatch, encode_batch
 def load_image(path: str) -> Image.Image:
     from store.safe_image import open_ingested  # checked against ingest's record, EXIF-upright
 
-    return open_ingested(path).convert("RGB")
+    return open_ingested(path, required=True).convert("RGB")  # every training image came through ingest
 
 
 class NoiseSpec(NamedTuple):

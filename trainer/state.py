@@ -18,6 +18,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from store.parquet_io import read_metadata, write_json_atomic
 from store.paths import data_root
+from store.safe_image import require_ledger
 from trainer.config import TrainConfig
 from trainer.losses import LossConfig
 from trainer.model_loading import load_vlm
@@ -118,6 +119,7 @@ def build(cfg: TrainConfig, *, progress: bool = True, accelerator: Accelerator |
     in-memory model already made trainable by `prepare_trainable`, instead of loading `cfg.model`), `cache` (a
     RefCache they fill with `precompute_reference`, instead of the run's own)."""
     paths = resolve_paths(cfg)
+    require_ledger(paths.root)  # images are checked against what ingest recorded: fail now, not at step 1
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
     acc = accelerator or Accelerator(mixed_precision=precision)
     if cfg.batch_size % (acc.num_processes * cfg.grad_accum):
