@@ -154,16 +154,25 @@ def build_model(shape: Shape, layers: int, processor, device: torch.device, dtyp
 
 
 def make_examples(folder: Path, args, shape: Shape, rng: np.random.Generator) -> list[dict]:
-    """Synthetic examples in the shard format: image, prompt, chosen, rejected, K = 3 negatives, a pool with q."""
+    """Synthetic examples in the shard format: image, prompt, chosen, rejected, K = 3 negatives, a pool with q.
+    The images go through pool ingest into `<folder>/data`'s ledger, as mined images do (the trainer reads only
+    images whose sha256 ingest recorded)."""
     from PIL import Image
+
+    from pipeline.ingest import ingest_pool
+    from store.parquet_io import write_parquet_atomic
+    from store.safe_image import ledger_file
 
     n_images = args.examples + args.pool + 4
     paths = []
+    (folder / "images").mkdir()
     for i in range(n_images):
-        path = folder / f"img{i:04d}.png"
+        path = folder / "images" / f"img{i:04d}.png"
         pixels = rng.integers(0, 255, (shape.image_size, shape.image_size, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(path)
         paths.append(str(path))
+    ingested = ingest_pool(folder / "images", shard=0, num_shards=1, progress=False, require_usable=True)
+    write_parquet_atomic(ingested.images, ledger_file(folder / "data", "pool", "000"))
 
     def words(n: int) -> str:
         return " ".join(f"w{i}" for i in rng.integers(0, args.words, n))
