@@ -119,6 +119,8 @@ def build(cfg: TrainConfig, *, progress: bool = True, accelerator: Accelerator |
     in-memory model already made trainable by `prepare_trainable`, instead of loading `cfg.model`), `cache` (a
     RefCache they fill with `precompute_reference`, instead of the run's own)."""
     paths = resolve_paths(cfg)
+    if model is None:
+        require_model(cfg, paths.model)
     require_ledger(paths.root)  # images are checked against what ingest recorded: fail now, not at step 1
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
     acc = accelerator or Accelerator(mixed_precision=precision)
@@ -135,7 +137,6 @@ def build(cfg: TrainConfig, *, progress: bool = True, accelerator: Accelerator |
     torch.manual_seed(cfg.seed)
     dtype = "bfloat16" if precision == "bf16" and cfg.lora else "float32"
     if model is None:
-        require_model(cfg, paths.model)
         model, processor = load_vlm(paths.model, dtype=dtype, device=acc.device,
                                     trust_remote_code=cfg.trust_remote_code)
         model = prepare_trainable(model, cfg)
