@@ -22,6 +22,7 @@ metadata), so a rerun after success or an interruption redoes only what is missi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import uuid
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import dagster as dg
 from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
+from dagster._core.instance.ref import InstanceRef
 
 from assets.definitions import all_assets, defs
 from assets.resources import resources_from_env
@@ -126,6 +128,17 @@ def _reconstructable(job_name: str) -> ReconstructableJob:
                                                 ).get_reconstructable_job(job_name)
 
 
+def _instance(verbose: bool) -> dg.DagsterInstance:
+    """The instance in $DAGSTER_HOME. Quiet, with the python log level INFO: the executor's step processes get the
+    instance by reference, and their first log lines come from loggers at that level (DEBUG by default, one
+    STEP_WORKER_STARTED line per step). Events are stored whatever the level, and INFO messages too."""
+    home = os.environ.get("DAGSTER_HOME")
+    if verbose or not home:
+        return dg.DagsterInstance.get()  # without DAGSTER_HOME: Dagster's own error, which says to set it
+    quiet = {"python_logs": {"python_log_level": "INFO"}}
+    return dg.DagsterInstance.from_ref(InstanceRef.from_dir(home, overrides=quiet))
+
+
 def _run_tags(run: PlannedRun, invocation: str) -> dict[str, str]:
     tags = {INVOCATION_TAG: invocation}
     if run.partition_key is not None:
@@ -150,12 +163,12 @@ def materialise(selection: dg.AssetSelection | str | Sequence[str] = "*", instan
     """Materialise `selection` (asset names, a Dagster selection string such as "*shards_manifest", or an
     AssetSelection) over all partitions; stops at the first failed run. Returns (label, result) per run made.
 
-    `resources`: resource objects to use instead of the environment's (tests, the experiment); they live in this
-    process, so they imply `in_process` (as `assets` do). `configs`: asset name -> its config (what the UI's launchpad takes), e.g.
-    {"preference_shards": {"rule": "random_pool"}}. `in_process`: every step in this process (default: only when
-    `resources` are given); otherwise steps run under the executor of `assets.definitions.defs` ($MISP_EXECUTOR).
-    `assets`: the asset definitions to use instead of the pipeline's (in process only)."""
-    instance = instance or dg.DagsterInstance.get()
+    `resources`: resource objects to use instead of the environment's (tests, the experiment). `assets`: asset
+    definitions to use instead of the pipeline's. Both live in this process, so they imply `in_process`.
+    `configs`: asset name -> its config (what the UI's launchpad takes), e.g. {"preference_shards": {"rule":
+    "random_pool"}}. `in_process`: every step in this process (default: only with `resources` or `assets`);
+    otherwise steps run under the executor of `assets.definitions.defs` ($MISP_EXECUTOR)."""
+    instance = instance or _instance(verbose)
     configs = configs or {}
     if in_process is None:
         in_process = resources is not None or assets is not None
