@@ -21,7 +21,7 @@ EXECUTORS = ("multiprocess", "dask")
 
 
 def executor_from_env(env: Mapping[str, str] | None = None) -> dg.ExecutorDefinition:
-    """The executor named by $MISP_EXECUTOR (default `multiprocess`), read when a job is built.
+    """The executor named by $MISP_EXECUTOR (default `multiprocess`), read when the definitions load.
 
     - `multiprocess`: steps of a run in parallel processes on this machine. `max_concurrent` bounds memory on small
       machines; a forkserver that has imported the definitions once spares every step re-importing torch and
