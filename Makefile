@@ -9,6 +9,10 @@ DAGSTER_HOME := $(CURDIR)/.dagster_home
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 3000
 SHARDS ?= $(or $(MISP_SHARDS),4)
+# `make mine VERBOSE=1`: Dagster's DEBUG log; `IN_PROCESS=1`: every step in one process (default: the executor of
+# assets/definitions.py, multiprocess or MISP_EXECUTOR=dask).
+MINE_FLAGS = $(if $(VERBOSE),--verbose) $(if $(IN_PROCESS),--in-process)
+DAGSTER_DASK := 0.29.27
 
 # Nothing may reach a model hub at run time: a miss fails at once instead of hanging.
 export HF_HUB_OFFLINE := 1
@@ -18,7 +22,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export DAGSTER_HOME
 export MISP_SHARDS := $(SHARDS)
 
-.PHONY: help venv test ui validate world embed mine base train eval experiment ablations bench clean-data clean-venv
+.PHONY: help venv dask test ui validate world embed mine base train eval experiment ablations bench clean-data clean-venv
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -30,6 +34,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 venv: $(STAMP)  ## Create or update .venv from pyproject.toml
+
+dask: $(STAMP)  ## Add the Dask executor to .venv (the `dask` extra + dagster-dask, see pyproject.toml)
+	$(PY) -m pip install --quiet -e '.[dev,dask]'
+	$(PY) -m pip install --quiet --no-deps 'dagster-dask==$(DAGSTER_DASK)'
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	@mkdir -p $(DAGSTER_HOME)
@@ -48,11 +56,11 @@ world: $(STAMP)  ## Generate the scene world (MISP_WORLD_PRESET, default 'defaul
 	$(PY) -m world --preset $(or $(MISP_WORLD_PRESET),default) --seed $(or $(MISP_WORLD_SEED),0) \
 		--out $(or $(MISP_DATA_ROOT),data)/world/$(or $(MISP_WORLD_PRESET),default)-seed$(or $(MISP_WORLD_SEED),0)
 
-embed: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## Source -> CLIP -> per-shard ingest and embeddings
-	$(PY) -m assets.run_pipeline --until embeddings
+embed: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## Source -> CLIP -> per-shard ingest and embeddings (VERBOSE=1, IN_PROCESS=1)
+	$(PY) -m assets.run_pipeline --until embeddings $(MINE_FLAGS)
 
-mine: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## The whole mining chain -> preference shards under <data root>/shards
-	$(PY) -m assets.run_pipeline --until shards
+mine: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## The whole mining chain -> preference shards under <data root>/shards (VERBOSE=1, IN_PROCESS=1)
+	$(PY) -m assets.run_pipeline --until shards $(MINE_FLAGS)
 
 WORLD_DIR = $(or $(MISP_DATA_ROOT),data)/world/$(or $(MISP_WORLD_PRESET),default)-seed$(or $(MISP_WORLD_SEED),0)
 

@@ -5,7 +5,7 @@ pool, cached against online reference, and our `dpo` preset against TRL's DPOTra
     .venv/bin/python bench/train.py --quick    # smoke run (tiny model, 1 timed step per config), temp JSON
 
 Data (nothing downloaded, HF_HUB_OFFLINE=1): the tiny scene world mined into preference shards by the real
-pipeline (`assets.run_pipeline.run_stages("shards")`, as tests/conftest.py does): 96 examples, each with 3 mined
+pipeline (`assets.run_pipeline.materialise("*")`, as tests/conftest.py does): 96 examples, each with 3 mined
 negatives and a retrieved pool of 64 candidates with the shard's proposal q. Built once under --data-root
 (default data/bench/train, gitignored) and reused. Synthetic variants of the examples, only for this bench:
   K negatives     `negatives` = the first K entries of the example's pool (K = 1..8; the shards hold 3).
@@ -109,7 +109,7 @@ def ensure_data(root: Path) -> Path:
     import dagster as dg
 
     from assets.resources import ClipModel, DataRoot, DataSource
-    from assets.run_pipeline import run_stages
+    from assets.run_pipeline import materialise
 
     root.mkdir(parents=True, exist_ok=True)
     print(f"mining the tiny world into {root} (once; ~40 s) ...", flush=True)
@@ -118,7 +118,7 @@ def ensure_data(root: Path) -> Path:
     logging.getLogger("dagster").setLevel(logging.WARNING)
     log = io.StringIO()
     with contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
-        results = run_stages("shards", instance=dg.DagsterInstance.ephemeral(), resources=resources)
+        results = materialise("*", instance=dg.DagsterInstance.ephemeral(), resources=resources)
     failed = [label for label, r in results if not r.success]
     if failed:
         sys.stderr.write(log.getvalue()[-5000:])

@@ -144,7 +144,7 @@ def prepare_shards(ctx: Context, needed: Sequence[str], instance=None) -> None:
     import dagster as dg
 
     from assets.resources import resources_from_env
-    from assets.run_pipeline import MINE_STAGES, run_stages
+    from assets.run_pipeline import materialise
 
     if instance is None:
         instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
@@ -154,8 +154,9 @@ def prepare_shards(ctx: Context, needed: Sequence[str], instance=None) -> None:
     # Fused-space sets first: the image-space SAE replaces the fused one in <root>/models/sae.
     for name in sorted(todo, key=lambda n: recipes[n]["sae"]["space"] != "fused"):
         configs = {**base_cfg, **recipes[name]}
-        stages = None if first else [s for s in MINE_STAGES if s[0] != ["pool_index"] and s[0] != ["candidates"]]
-        done = run_stages("shards", instance=instance, resources=resources, configs=configs, stages=stages)
+        # The first set runs the whole chain; the others reuse its candidates and re-mine from the SAE on.
+        selection = "*" if first else ["sae", "preference_shards", "shards_manifest"]
+        done = materialise(selection, instance=instance, resources=resources, configs=configs)
         if not done or not done[-1][1].success:
             raise RuntimeError(f"mining the {name!r} shard set failed at {done[-1][0] if done else '?'}; see the "
                                "Dagster logs above (or in the UI), fix the cause and rerun: finished work is kept")

@@ -111,8 +111,11 @@ def run_until(args: list[str], env: dict[str, str], patterns: list[str], timeout
     return buf.decode(errors="replace")
 
 
-def pipeline_args(until: str = "shards") -> list[str]:
-    return [sys.executable, "-m", "assets.run_pipeline", "--until", until]
+def pipeline_args(until: str = "shards", in_process: bool = True, verbose: bool = True) -> list[str]:
+    """`python -m assets.run_pipeline` (`make mine`). The tests' default is every step in one process, sequentially,
+    with Dagster's DEBUG log: they read its events (STEP_START) and the assets' info lines ("... is current")."""
+    return [sys.executable, "-m", "assets.run_pipeline", "--until", until,
+            *(["--in-process"] if in_process else []), *(["--verbose"] if verbose else [])]
 
 
 def materialize_args(selection: str, partition: str) -> list[str]:

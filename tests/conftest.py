@@ -37,12 +37,12 @@ def mined(tmp_path_factory):
     Returns (data root, instance, resources, [(label, result)])."""
     import dagster as dg
 
-    from assets.run_pipeline import run_stages
+    from assets.run_pipeline import materialise
 
     root = tmp_path_factory.mktemp("data")
     instance = dg.DagsterInstance.ephemeral()
     resources = tiny_resources(root)
-    results = run_stages("shards", instance=instance, resources=resources)
+    results = materialise("*", instance=instance, resources=resources)
     assert all(r.success for _, r in results), [label for label, r in results if not r.success]
     return root, instance, resources, results
 

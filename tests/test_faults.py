@@ -78,14 +78,14 @@ def test_pipeline_killed_mid_embedding_and_mid_mining_reruns_to_identical_shards
 
     # 1. SIGKILL while shard 001's pool images are being embedded (its progress bar has started).
     stage = r"=== \[3/10\] pool_images, preference_examples, pool_embeddings, positive_embeddings, prompt_embeddings"
-    out = run_until(pipeline_args(), env, [stage + r" \[shard 001\]", r"embed pool:"])
+    out = run_until(pipeline_args(), env, [stage + r" \[partition 001\]", r"embed pool:"])
     assert "=== [4/10]" not in out, "the kill came after the embedding stage"
     assert (root / "embeddings" / "prompts" / "shard=000.parquet").exists()  # shard 000 finished before
     assert not (root / "embeddings" / "prompts" / "shard=001.parquet").exists()
     assert_every_final_file_is_whole(root)
 
     # 2. Rerun: finished work is skipped; SIGKILL once shard 001's mining step has started.
-    out = run_until(pipeline_args(), env, [r"=== \[9/10\] preference_shards \[shard 001\]",
+    out = run_until(pipeline_args(), env, [r"=== \[9/10\] preference_shards \[partition 001\]",
                                            r"preference_shards - STEP_START"])
     assert "=== [10/10]" not in out, "the kill came after the mining stage"
     assert f"{root / 'embeddings' / 'pool' / 'shard=000.parquet'} is current" in out

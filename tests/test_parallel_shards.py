@@ -67,8 +67,9 @@ def test_shards_materialised_at_once_equal_the_sequential_run(reference, tmp_pat
     folders = ("ingest", "embeddings")
     assert_same_tables(tables(root, folders), tables(reference, folders))
 
-    # The non-partitioned stages (pool index, SAE, manifest) in sequence: they find the embeddings current.
-    out = run(pipeline_args(), env)
+    # The non-partitioned stages (pool index, SAE, manifest) in sequence, each run's steps under the multiprocess
+    # executor (`make mine`'s default): they find the embeddings current.
+    out = run(pipeline_args(in_process=False), env)
     assert f"{root / 'embeddings' / 'prompts' / 'shard=001.parquet'} is current" in out
     # Then the per-shard mining assets again, for all shards at once.
     for k in SHARDS:

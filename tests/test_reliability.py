@@ -347,16 +347,15 @@ def test_a_changed_chosen_text_reingests_but_reembeds_nothing(tmp_path):
 
 
 def test_exactly_one_good_example_names_the_sae_minimum_and_the_knob(tmp_path):
-    from assets.run_pipeline import run_stages
+    from assets.run_pipeline import materialise
 
     src = files_source(tmp_path, n=3)
     for i in (1, 2):
         (src["pos"] / f"{i}.png").unlink()  # one good example is left
     res = resources(src, tiny_clip(tmp_path / "clip", 0))
     per_shard = ["pool_images", "preference_examples", "pool_embeddings", "positive_embeddings", "prompt_embeddings"]
-    results = run_stages(instance=dg.DagsterInstance.ephemeral(), resources=res, stages=[
-        (["source_data"], False), (per_shard, True), (["pool_index"], False), (["candidates"], True),
-        (["sae"], False)])
+    results = materialise(["source_data", *per_shard, "pool_index", "candidates", "sae"],
+                          instance=dg.DagsterInstance.ephemeral(), resources=res)
     label, last = results[-1]
     assert label == "sae" and not last.success, [(lbl, r.success) for lbl, r in results]
     text = error_text(last)
