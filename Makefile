@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+DASK_STAMP := $(VENV)/.dask-stamp
 DAGSTER_HOME := $(CURDIR)/.dagster_home
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 3000
@@ -35,15 +36,18 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)  ## Create or update .venv from pyproject.toml
 
-dask: $(STAMP)  ## Add the Dask executor to .venv (the `dask` extra + dagster-dask, see pyproject.toml)
+$(DASK_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,dask]'
 	$(PY) -m pip install --quiet --no-deps 'dagster-dask==$(DAGSTER_DASK)'
+	@touch $(DASK_STAMP)
+
+dask: $(DASK_STAMP)  ## Add the Dask executor to .venv (the `dask` extra + dagster-dask, see pyproject.toml)
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	@mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 
-test: $(STAMP)  ## Run the test suite (CPU only, offline)
+test: $(DASK_STAMP)  ## Run the test suite (CPU only, offline; installs the Dask executor for its test)
 	$(PY) -m pytest -q
 
 validate: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## Check that the Dagster definitions load
