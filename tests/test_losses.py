@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.losses import (
-    PRESETS, SHARD_RULES, LossConfig, LossInputs, anchor_loss, chip_joint_loss, compute_loss, image_pl_loss,
+    PRESETS, LossConfig, LossInputs, anchor_loss, chip_joint_loss, compute_loss, image_pl_loss,
     importance_sampled_pl_loss, proposal_entropy, sample_from_proposal, sft_loss, text_dpo_loss,
 )
 from trainer.proposal import LearnedProposal, candidate_features
@@ -295,12 +295,6 @@ def test_presets_are_spec_table():
     assert LossConfig.from_preset("misp", is_mode="learned", k_prime=2).uses_pool
 
 
-def test_shard_rules_match_pipeline():
-    from pipeline.selection import RULES
-
-    assert SHARD_RULES == RULES
-
-
 @pytest.mark.parametrize("preset,overrides,match", [
     ("mdpo", {"is_mode": "learned"}, "only shards"),
     ("dpo", {"is_mode": "fixed"}, "only shards"),
@@ -433,3 +427,19 @@ def test_fixed_is_logs_ess_and_max_weight():
     out = compute_loss(LossConfig.from_preset("misp", is_mode="fixed", k_prime=2, lambda_text=0.0, beta=1.0), x)
     assert out.metrics["is/max_weight"] == pytest.approx(0.75, abs=1e-12)
     assert out.metrics["is/ess"] == pytest.approx(1.6 / 2, abs=1e-12)
+
+
+def test_shard_rule_is_checked_against_the_shards_not_a_list(tmp_path):
+    """The trainer keeps no list of mining rules: a rule is right when the shards record it (a new selection rule
+    is a change in pipeline.selection only), and shards of another rule are refused with both names."""
+    import polars as pl
+
+    from store.parquet_io import write_parquet_atomic
+    from trainer.state import check_shard_rule
+
+    write_parquet_atomic(pl.DataFrame({"example_id": ["a"]}), tmp_path / "shard=000.parquet",
+                         {"config": {"rule": "my_new_rule"}})
+    check_shard_rule(LossConfig.from_preset("misp", shard_rule="my_new_rule"), tmp_path)
+    with pytest.raises(ValueError, match=r"rule='random_pool' but .* holds \['my_new_rule'\]"):
+        check_shard_rule(LossConfig.from_preset("random_multi"), tmp_path)
+    check_shard_rule(LossConfig.from_preset("dpo"), tmp_path)  # no image negatives from shards: nothing to check
