@@ -14,7 +14,8 @@ import dagster as dg
 
 from assets.definitions import all_assets
 from assets.resources import resources_from_env
-from pipeline.sharding import shard_keys
+from assets.layout import split_key
+from assets.partitions import partition_keys
 from pipeline.summary import main as print_summary
 
 EMBED_STAGES: list[tuple[list[str], bool]] = [
@@ -25,6 +26,7 @@ MINE_STAGES: list[tuple[list[str], bool]] = [
     (["pool_index"], False),
     (["candidates"], True),
     (["sae"], False),
+    (["mining_recipe"], False),
     (["preference_shards"], True),
     (["shards_manifest"], False),
 ]
@@ -42,10 +44,12 @@ def run_stages(until: str = "shards", instance: dg.DagsterInstance | None = None
     resources = resources or resources_from_env()
     configs = configs or {}
     plan = UNTIL[until] if stages is None else stages
-    steps = [(sel, key) for sel, partitioned in plan for key in (shard_keys() if partitioned else [None])]
+    # The partitions of the default recipe: every shard (recipe x shard for preference_shards), the default SAE
+    # space and recipe for the unsharded `sae` and `shards_manifest`.
+    steps = [(sel, key, partitioned) for sel, partitioned in plan for key in partition_keys(sel[0])]
     done = []
-    for i, (selection, key) in enumerate(steps, 1):
-        label = ", ".join(selection) + (f" [shard {key}]" if key else "")
+    for i, (selection, key, partitioned) in enumerate(steps, 1):
+        label = ", ".join(selection) + (f" [shard {split_key(key)[1]}]" if partitioned else "")
         print(f"\n=== [{i}/{len(steps)}] {label}", flush=True)
         t0 = time.perf_counter()
         run_config = {"ops": {name: {"config": configs[name]} for name in selection if name in configs}}

@@ -23,7 +23,7 @@ def test_definitions_load():
     dg.Definitions.validate_loadable(defs)
     keys = {k.to_user_string() for a in all_assets for k in a.keys}
     assert keys == {"source_data", "clip_model", *EMBED_ASSETS, "pool_index", "candidates", "sae",
-                    "preference_shards", "shards_manifest"}
+                    "mining_recipe", "preference_shards", "shards_manifest"}
     checks = {k.name for a in all_assets for k in a.check_keys}
     assert {"finite", "unit_norm", "one_row_per_input", "q_sums_to_one"} <= checks
 
