@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import dagster as dg
 from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+from dagster._core.definitions.assets.graph.asset_graph import AssetGraph
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._time import get_current_datetime
 
@@ -54,7 +55,7 @@ def stale_or_missing(instance: dg.DagsterInstance, assets: Sequence, selection: 
     `assets`: the definitions (`assets.definitions.all_assets`); `partitions`: per asset name, the partitions that
     matter (default: all of the asset's); `root`: the data root, to count a partition whose output file or folder
     is gone as missing. The UI shows the same STALE / MISSING flags (the upstream closure aside)."""
-    asset_graph = dg.Definitions(assets=list(assets)).resolve_asset_graph()
+    asset_graph = AssetGraph.from_assets(list(assets))
     resolver = _resolver(instance, asset_graph)
     names = list(dict.fromkeys(selection))
     keys = [dg.AssetKey(n) for n in names]
