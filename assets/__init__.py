@@ -12,5 +12,5 @@ import warnings
 # Data versions on outputs, IO managers bound per asset and the recipe -> shard partition mapping are marked beta
 # in Dagster 1.13; they are what the staleness of the catalog rests on (docs/mining.md), so say it once here
 # instead of once per asset at every import.
-warnings.filterwarnings("ignore", message=r".*(`data_version`|`io_manager_def`|MultiToSingleDimensionPartitionMapping)"
+warnings.filterwarnings("ignore", message=r".*(`data_version`|`io_manager_def`|`observable_source_asset`|MultiToSingleDimensionPartitionMapping)"
                                           r".* is currently in beta")

@@ -159,6 +159,10 @@ def save_folder(obj: Saveable, target: Path) -> bool:
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
+    # What a killed earlier write left beside it (one writer per folder: these assets are not per shard).
+    for leftover in target.parent.glob(f".{target.name}.*"):
+        if leftover.is_dir() and leftover.suffix in (".tmp", ".old", ".staging"):
+            shutil.rmtree(leftover, ignore_errors=True)
     return True
 
 

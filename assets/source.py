@@ -125,7 +125,59 @@ def _pool_listing_fingerprint(pool_dir) -> str:
     return fingerprint(entries)
 
 
-@dg.asset(group_name="ingest", partitions_def=shard_partitions, deps=[source_data], kinds={"parquet"},
+def pool_fingerprint(source: DataSource, root, shard: int, n: int, limits: IngestLimits) -> str:
+    """What one pool shard's ingest reads, by content: the pool folder's listing (the files themselves are covered
+    by the shard's ledger) and the limits. Both the `pool_images` asset (its reuse key) and the `pool_source`
+    observation (the shard's data version in the catalog) use it."""
+    pool_dir, _, _ = source.inputs(root)
+    return fingerprint("pool", _pool_listing_fingerprint(pool_dir), limits, n, shard, CODE_VERSION)
+
+
+def examples_fingerprint(source: DataSource, root, shard: int, n: int, limits: IngestLimits) -> str:
+    """What one examples shard's ingest reads: the manifest, the image root, the column mapping and the limits
+    (the image files are covered by the shard's ledger). Used by `preference_examples` and `examples_source`."""
+    _, manifest, image_root = source.inputs(root)
+    mapping = ColumnMapping.resolve(source.column_mapping)
+    return fingerprint("examples", sha256_file(manifest, what="manifest"), str(image_root), mapping, limits, n, shard,
+                       CODE_VERSION)
+
+
+def _as_asset(source_asset: dg.SourceAsset) -> dg.AssetsDefinition:
+    """An observable source as the external `AssetsDefinition` Dagster turns it into anyway, so that the definitions
+    are one kind of object (`keys`, `map_asset_specs`, ...)."""
+    from dagster._core.definitions.external_asset import create_external_asset_from_source_asset
+
+    return create_external_asset_from_source_asset(source_asset)
+
+
+def _observe(fingerprint_of, data_root: DataRoot, source: DataSource) -> dg.DataVersionsByPartition:
+    """One data version per shard; `absent` while the source is not there yet (the world not generated)."""
+    root, keys = data_root.root(), shard_partitions.get_partition_keys()
+    versions = {}
+    for i, key in enumerate(keys):
+        try:
+            versions[key] = fingerprint_of(source, root, i, len(keys), IngestLimits())
+        except (FileNotFoundError, NotADirectoryError):
+            versions[key] = "absent"
+    return dg.DataVersionsByPartition({k: dg.DataVersion(v) for k, v in versions.items()})
+
+
+@_as_asset
+@dg.observable_source_asset(group_name="source", partitions_def=shard_partitions)
+def pool_source(data_root: DataRoot, source: DataSource) -> dg.DataVersionsByPartition:
+    """The pool folder as each pool shard's ingest sees it (observed: `assets.staleness.stale_or_missing` observes
+    it before deciding, the UI's "Observe sources" does too). A new data version marks that shard's ingest stale."""
+    return _observe(pool_fingerprint, data_root, source)
+
+
+@_as_asset
+@dg.observable_source_asset(group_name="source", partitions_def=shard_partitions)
+def examples_source(data_root: DataRoot, source: DataSource) -> dg.DataVersionsByPartition:
+    """The preference manifest as each examples shard's ingest sees it (observed, like `pool_source`)."""
+    return _observe(examples_fingerprint, data_root, source)
+
+
+@dg.asset(group_name="ingest", partitions_def=shard_partitions, deps=[source_data, pool_source], kinds={"parquet"},
           io_manager_def=parquet_io, code_version=CODE_VERSION)
 def pool_images(context: dg.AssetExecutionContext, data_root: DataRoot, source: DataSource) -> dg.Output:
     """Validated pool images of one shard; bad files go to quarantine with a reason."""
@@ -133,15 +185,15 @@ def pool_images(context: dg.AssetExecutionContext, data_root: DataRoot, source: 
     shard, n = shard_index(context)
     pool_dir, _, _ = source.inputs(root)
     limits = IngestLimits()
-    fp = fingerprint("pool", _pool_listing_fingerprint(pool_dir), limits, n, shard, CODE_VERSION)
+    fp = pool_fingerprint(source, root, shard, n, limits)
     result = _ingest_or_reuse(context, fp, "pool_images", root, ledger_file(root, "pool", context.partition_key),
                               limits, lambda: ingest_pool(pool_dir, shard=shard, num_shards=n, limits=limits,
                                                           progress=True, require_usable=True))
     return _output(context, result, fp, "pool_images", root)
 
 
-@dg.asset(group_name="ingest", partitions_def=shard_partitions, deps=[source_data], kinds={"parquet"},
-          io_manager_def=parquet_io, code_version=CODE_VERSION)
+@dg.asset(group_name="ingest", partitions_def=shard_partitions, deps=[source_data, examples_source],
+          kinds={"parquet"}, io_manager_def=parquet_io, code_version=CODE_VERSION)
 def preference_examples(context: dg.AssetExecutionContext, data_root: DataRoot, source: DataSource) -> dg.Output:
     """Validated preference examples of one shard; bad rows go to quarantine with a reason."""
     root = data_root.root()
@@ -149,8 +201,7 @@ def preference_examples(context: dg.AssetExecutionContext, data_root: DataRoot, 
     _, manifest, image_root = source.inputs(root)
     mapping = ColumnMapping.resolve(source.column_mapping)
     limits = IngestLimits()
-    fp = fingerprint("examples", sha256_file(manifest, what="manifest"), str(image_root), mapping, limits, n, shard,
-                     CODE_VERSION)
+    fp = examples_fingerprint(source, root, shard, n, limits)
     result = _ingest_or_reuse(context, fp, "preference_examples", root,
                               ledger_file(root, "examples", context.partition_key), limits,
                               lambda: ingest_examples(manifest, image_root=image_root, mapping=mapping, shard=shard,

@@ -47,18 +47,31 @@ def _partitions(asset_graph, key: dg.AssetKey, wanted: dict[str, Sequence[str | 
     return [None] if pdef is None else list(pdef.get_partition_keys())
 
 
+def observe_sources(instance: dg.DagsterInstance, assets: Sequence, resources: dict) -> None:
+    """Record a fresh observation of the observable sources (`pool_source`, `examples_source`: one data version
+    per shard from the source's content), so that a changed input marks exactly its shards' ingest stale."""
+    from dagster._core.definitions.observe import observe
+
+    sources = [a for a in assets if getattr(a, "is_observable", False)]
+    if sources and not observe(sources, instance=instance, resources=resources, raise_on_error=False).success:
+        raise RuntimeError("observing the sources failed (see the log above): check MISP_SOURCE and its paths")
+
+
 def stale_or_missing(instance: dg.DagsterInstance, assets: Sequence, selection: Iterable[str],
                      partitions: dict[str, Sequence[str | None]] | None = None,
-                     root: Path | None = None) -> list[Todo]:
+                     root: Path | None = None, resources: dict | None = None) -> list[Todo]:
     """The (asset, partition) pairs of `selection` that must run, in dependency order.
 
     `assets`: the definitions (`assets.definitions.all_assets`); `partitions`: per asset name, the partitions that
     matter (default: all of the asset's); `root`: the data root, to count a partition whose output file or folder
-    is gone as missing. The UI shows the same STALE / MISSING flags (the upstream closure aside)."""
+    is gone as missing; `resources`: given, the sources are observed first (`observe_sources`). The UI shows the
+    same STALE / MISSING flags (the upstream closure aside). Observable sources are never in the answer."""
+    if resources is not None:
+        observe_sources(instance, assets, resources)
     asset_graph = AssetGraph.from_assets(list(assets))
     resolver = _resolver(instance, asset_graph)
     names = list(dict.fromkeys(selection))
-    keys = [dg.AssetKey(n) for n in names]
+    keys = [dg.AssetKey(n) for n in names if not asset_graph.get(dg.AssetKey(n)).is_external]
     order = [k for k in asset_graph.toposorted_asset_keys if k in set(keys)]
     todo: dict[tuple[str, str | None], Todo] = {}
     for key in order:
@@ -99,3 +112,34 @@ def _upstream_reason(asset_graph, key, pk, parents, todo) -> str | None:
         if hit is not None or any(p is None for p in running):
             return f"upstream {parent_name}[{hit}] must run"
     return None
+
+
+STAGES: tuple[tuple[str, ...], ...] = (
+    ("source_data", "clip_model"),
+    ("pool_images", "preference_examples", "pool_embeddings", "positive_embeddings", "prompt_embeddings"),
+    ("pool_index",), ("candidates",), ("sae",), ("mining_recipe",), ("preference_shards",), ("shards_manifest",),
+)
+"""Assets that share their partitions and run together, in dependency order (one Dagster run per partition)."""
+
+
+def materialize_due(instance: dg.DagsterInstance, assets: Sequence, resources: dict, todo: Sequence[Todo],
+                    configs: dict[str, dict] | None = None, log=print) -> list[tuple[str, dg.ExecuteInProcessResult]]:
+    """Materialise exactly the `todo` of `stale_or_missing`, stage by stage and partition by partition, in process;
+    stops at the first failed run. Returns (label, result) per run."""
+    due: dict[str, list[str | None]] = {}
+    for t in todo:
+        due.setdefault(t.asset, []).append(t.partition)
+    done = []
+    for stage in STAGES:
+        keys = list(dict.fromkeys(p for name in stage for p in due.get(name, [])))
+        for key in keys:
+            selection = [name for name in stage if key in due.get(name, [])]
+            label = ", ".join(selection) + (f" [{key}]" if key is not None else "")
+            log(f"=== {label}")
+            run_config = {"ops": {n: {"config": (configs or {})[n]} for n in selection if n in (configs or {})}}
+            result = dg.materialize(list(assets), selection=selection, partition_key=key, instance=instance,
+                                    resources=resources, raise_on_error=False, run_config=run_config)
+            done.append((label, result))
+            if not result.success:
+                return done
+    return done

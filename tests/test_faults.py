@@ -42,11 +42,11 @@ def reference(tmp_path_factory) -> Path:
 
 
 def assert_every_final_file_is_whole(root: Path) -> None:
-    """Every file under a final name reads completely. (A killed writer may leave `.<name>.<random>.tmp` behind:
-    no reader's pattern matches it.)"""
+    """Every file under a final name reads completely. (A killed writer may leave `.<name>.<random>.tmp` files or
+    staged model folders behind: no reader's pattern matches them.)"""
     for f in root.rglob("*"):
-        if f.name.startswith(".") or not f.is_file():
-            continue
+        if any(part.startswith(".") for part in f.relative_to(root).parts) or not f.is_file():
+            continue  # a staged model folder (`.sae.<random>.staging/`) is not under its final name either
         if f.suffix == ".parquet":
             pq.read_table(f)  # a truncated file has no footer and raises
         elif f.suffix == ".json":

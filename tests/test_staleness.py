@@ -76,3 +76,28 @@ def test_a_deleted_shard_file_makes_its_partition_and_readers_due(mined, tmp_pat
     assert [(t.asset, t.partition, t.reason.split(" [")[0]) for t in todo] == [
         ("preference_shards", recipe_shard_key(DEFAULT_RECIPE, shard), "not on disk"),
         ("shards_manifest", DEFAULT_RECIPE, f"upstream preference_shards[{recipe_shard_key(DEFAULT_RECIPE, shard)}] must run")]
+
+
+def test_a_changed_source_makes_exactly_the_ingest_that_reads_it_due(mined):
+    """The sources are observed (one data version per shard from their content): a new pool file makes the pool
+    side due, never the examples side; putting the folder back makes nothing due."""
+    root, instance, resources, _ = mined
+    ingest = ["pool_images", "preference_examples"]
+    # A first observation, then the ingest re-run (nothing is rewritten), so that what it read is on record.
+    assert stale_or_missing(instance, all_assets, NAMES, DEFAULT, root=root, resources=resources) == []
+    for key in shard_keys():
+        assert dg.materialize(all_assets, selection=ingest, partition_key=key, instance=instance,
+                              resources=resources).success
+    assert stale_or_missing(instance, all_assets, NAMES, DEFAULT, root=root, resources=resources) == []
+    pool_dir = root / "world" / "tiny-seed0" / "images" / "pool"
+    extra = pool_dir / "zz-extra.png"
+    shutil.copy2(next(pool_dir.glob("*.png")), extra)
+    try:
+        todo = stale_or_missing(instance, all_assets, NAMES, DEFAULT, root=root, resources=resources)
+    finally:
+        extra.unlink()
+    due = {t.asset for t in todo}
+    assert due == {"pool_images", "pool_embeddings", "pool_index"} | MINING_DOWNSTREAM_OF_CANDIDATES
+    assert {(t.partition, t.reason) for t in todo if t.asset == "pool_images"} == {
+        (k, "stale: has a new dependency data version") for k in shard_keys()}
+    assert stale_or_missing(instance, all_assets, NAMES, DEFAULT, root=root, resources=resources) == []
