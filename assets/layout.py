@@ -28,6 +28,9 @@ TABLES: dict[str, TableLayout] = {
 }
 """Per-shard Parquet tables (one file per partition)."""
 
+IMAGE_STORE = "ingest/images"
+"""Images that arrive inside a manifest (bytes columns), written once by content hash."""
+
 FOLDERS: dict[str, str] = {"clip_model": "models/clip", "pool_index": "index", "sae": "models/sae"}
 """Model and index folders (safetensors + JSON, FAISS + Parquet); `sae` per space: see sae_dir."""
 

@@ -276,8 +276,8 @@ def shards_manifest(context: dg.AssetExecutionContext, index_dir: Path, recipe_i
         n = pl.scan_parquet(f).select(pl.len()).collect().item()
         shards.append({"file": f.name, "rows": n, "sha256": sha256_file(f), "config": meta.get("config"),
                        "fingerprint": meta.get("fingerprint")})
-    quarantined = sum(pl.scan_parquet(q).select(pl.len()).collect().item()
-                      for q in (root / "ingest" / "quarantine").glob("examples-shard=*.parquet"))
+    quarantines = [layout.quarantine_file(root, "preference_examples", k) for k in shard_keys()]
+    quarantined = sum(pl.scan_parquet(q).select(pl.len()).collect().item() for q in quarantines if q.exists())
     manifest = {
         "schema_version": 1, "recipe": {k: recipe_info[k] for k in ("name", "rule", "space")}, "shards": shards,
         "examples": sum(s["rows"] for s in shards), "examples_quarantined": quarantined,

@@ -206,5 +206,5 @@ def preference_examples(context: dg.AssetExecutionContext, data_root: DataRoot, 
                               ledger_file(root, "examples", context.partition_key), limits,
                               lambda: ingest_examples(manifest, image_root=image_root, mapping=mapping, shard=shard,
                                                       num_shards=n, limits=limits, progress=True,
-                                                      image_store=root / "ingest" / "images", require_usable=True))
+                                                      image_store=root / layout.IMAGE_STORE, require_usable=True))
     return _output(context, result, fp, "preference_examples", root)
