@@ -52,7 +52,7 @@ def clip_model(context: dg.AssetExecutionContext, config: ClipTrainConfig, data_
     """The CLIP used to embed everything. With none configured, a small open_clip model trained
     contrastively on the world's pool images and captions, with its zero-shot retrieval accuracy (its folder,
     `models/clip`, is written by the folder IO manager). With a CLIP configured, only its fingerprint is stamped
-    there: the weights stay where they are."""
+    in `models/clip-configured`: the weights stay where they are."""
     root = data_root.root()
     folder = layout.folder(root, "clip_model")
     if clip.is_world:
@@ -112,9 +112,11 @@ def clip_model(context: dg.AssetExecutionContext, config: ClipTrainConfig, data_
 
 
 class _Stamp(NamedTuple):
-    """A configured (not trained) CLIP: the folder holds only the stamp of which CLIP was used."""
+    """A configured (not trained) CLIP: only the stamp of which CLIP was used, in its own folder (a world CLIP
+    trained earlier stays in `models/clip`)."""
 
     fingerprint: str
+    layout_name: str = "clip_model_configured"
 
     def save(self, folder) -> None:
         return None

@@ -174,7 +174,8 @@ class ModelFolderIOManager(dg.IOManager):
 
     def handle_output(self, context: dg.OutputContext, obj: Saveable) -> None:
         key = context.asset_partition_key if context.has_asset_partitions else None
-        save_folder(obj, layout.folder(self.root, context.asset_key.path[-1], key))
+        # An output may name another folder of the layout (a configured CLIP: `clip_model_configured`).
+        save_folder(obj, layout.folder(self.root, getattr(obj, "layout_name", None) or context.asset_key.path[-1], key))
 
     def load_input(self, context: dg.InputContext) -> Path:
         keys = _keys(context)

@@ -31,8 +31,11 @@ TABLES: dict[str, TableLayout] = {
 IMAGE_STORE = "ingest/images"
 """Images that arrive inside a manifest (bytes columns), written once by content hash."""
 
-FOLDERS: dict[str, str] = {"clip_model": "models/clip", "pool_index": "index", "sae": "models/sae"}
-"""Model and index folders (safetensors + JSON, FAISS + Parquet); `sae` per space: see sae_dir."""
+FOLDERS: dict[str, str] = {"clip_model": "models/clip", "pool_index": "index", "sae": "models/sae",
+                           "clip_model_configured": "models/clip-configured"}
+"""Model and index folders (safetensors + JSON, FAISS + Parquet); `sae` per space: see sae_dir. With a CLIP
+configured (MISP_CLIP_MODEL) `clip_model` stamps `models/clip-configured/` instead, so that a world CLIP trained
+earlier in `models/clip` is kept."""
 
 
 def split_key(key: str | None) -> tuple[str | None, str | None]:
@@ -106,8 +109,9 @@ def on_disk(root: Path, asset: str, key: str | None) -> bool:
     path = output_path(root, asset, key)
     if path is None:
         return True
-    if path.is_dir():
+    if asset in FOLDERS:
         from assets.io_managers import folder_fingerprint
 
-        return folder_fingerprint(path) is not None
+        alternatives = [path] + ([Path(root) / FOLDERS["clip_model_configured"]] if asset == "clip_model" else [])
+        return any(folder_fingerprint(p) is not None for p in alternatives)
     return path.is_file()
