@@ -65,15 +65,27 @@ def current_table(rows_path: Path, quarantine_path: Path | None, fingerprint: st
     return None
 
 
+def _same_provenance(path: Path | None, provenance: dict[str, Any]) -> bool:
+    if path is None:
+        return True
+    try:
+        stored = read_metadata(path)
+    except Exception:  # missing or unreadable: write it
+        return False
+    stored.pop("schema_version", None)
+    return stored == json.loads(json.dumps(provenance))
+
+
 def write_table(table: Table, rows_path: Path, quarantine_path: Path | None) -> bool:
-    """Quarantine first, then rows; nothing is written when both already carry the table's fingerprint.
-    Returns whether anything was written."""
-    fp = table.fingerprint
-    if fp is None:
+    """Quarantine first, then rows; nothing is written when both already carry the table's provenance (its
+    fingerprint and, where set, its content fingerprints: an ingest whose manifest is unchanged but whose image
+    files changed has the same `fingerprint` and new rows). Returns whether anything was written."""
+    if table.fingerprint is None:
         raise ValueError("a Table's provenance needs a `fingerprint` (inputs + config), the key of reuse")
     if table.quarantine is not None and quarantine_path is None:
         raise ValueError(f"a quarantine was returned for {rows_path} but its layout has no quarantine folder")
-    if current_table(rows_path, quarantine_path if table.quarantine is not None else None, fp) is not None:
+    if _same_provenance(rows_path, table.provenance) and \
+            _same_provenance(quarantine_path if table.quarantine is not None else None, table.provenance):
         return False
     if table.quarantine is not None:
         write_parquet_atomic(table.quarantine, quarantine_path, table.provenance)

@@ -100,7 +100,8 @@ def _provenance(result: IngestResult, fp: str) -> dict:
     """`content` is the fingerprint of the rows themselves, the data version Dagster compares: stages downstream
     key on it, so an identical re-ingest changes nothing and a new `chosen` text re-mines only its shard."""
     meta = {"fingerprint": fp, "rows_in": result.rows_in,
-            "content": frame_fingerprint(result.rows, result.rows.columns)}
+            "content": frame_fingerprint(result.rows, result.rows.columns),
+            "quarantine_content": frame_fingerprint(result.quarantine, result.quarantine.columns)}
     if "example_id" in result.rows.columns:  # what retrieval (candidates, hence the SAE) reads: not `chosen`
         meta["retrieval_content"] = frame_fingerprint(result.rows, ("example_id", "image_sha256", "prompt"))
     return meta
