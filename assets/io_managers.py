@@ -73,7 +73,8 @@ def _same_provenance(path: Path | None, provenance: dict[str, Any]) -> bool:
     except Exception:  # missing or unreadable: write it
         return False
     stored.pop("schema_version", None)
-    return stored == json.loads(json.dumps(provenance))
+    # Compared as JSON text: a NaN (an undefined diversity) equals itself there, not as a float.
+    return json.dumps(stored, sort_keys=True) == json.dumps(json.loads(json.dumps(provenance)), sort_keys=True)
 
 
 def write_table(table: Table, rows_path: Path, quarantine_path: Path | None) -> bool:
