@@ -72,9 +72,11 @@ def _same_provenance(path: Path | None, provenance: dict[str, Any]) -> bool:
         stored = read_metadata(path)
     except Exception:  # missing or unreadable: write it
         return False
+    # The schema version is written with every file (pipeline.parquet_io), whether or not the provenance carries it
+    # (a table read back does). Compared as JSON text: a NaN (an undefined diversity) equals itself there.
     stored.pop("schema_version", None)
-    # Compared as JSON text: a NaN (an undefined diversity) equals itself there, not as a float.
-    return json.dumps(stored, sort_keys=True) == json.dumps(json.loads(json.dumps(provenance)), sort_keys=True)
+    wanted = {k: v for k, v in provenance.items() if k != "schema_version"}
+    return json.dumps(stored, sort_keys=True) == json.dumps(json.loads(json.dumps(wanted)), sort_keys=True)
 
 
 def write_table(table: Table, rows_path: Path, quarantine_path: Path | None) -> bool:
