@@ -8,14 +8,14 @@ import dagster as dg
 
 from assets.clip import clip_model
 from assets.embeddings import pool_embeddings, positive_embeddings, prompt_embeddings
-from assets.mining import candidates, pool_index, preference_shards, shards_manifest
+from assets.mining import candidates, mining_recipe, pool_index, preference_shards, shards_manifest
 from assets.sparse_autoencoder import sae
 from assets.resources import resources_from_env
-from assets.source import pool_images, preference_examples, source_data
+from assets.source import examples_source, pool_images, pool_source, preference_examples, source_data
 
-all_assets = [source_data, pool_images, preference_examples, clip_model,
+all_assets = [source_data, pool_source, examples_source, pool_images, preference_examples, clip_model,
               pool_embeddings, positive_embeddings, prompt_embeddings,
-              pool_index, candidates, sae, preference_shards, shards_manifest]
+              pool_index, candidates, sae, mining_recipe, preference_shards, shards_manifest]
 
 EXECUTORS = ("multiprocess", "dask")
 

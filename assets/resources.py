@@ -84,7 +84,9 @@ class ClipModel(dg.ConfigurableResource):
         return not self.model
 
     def world_clip_dir(self, root: Path) -> Path:
-        return root / "models" / "clip"
+        from assets.layout import folder
+
+        return folder(root, "clip_model")
 
     def spec(self, root: Path) -> ClipSpec:
         model = f"{LOCAL_DIR}{self.world_clip_dir(root)}" if self.is_world else self.model

@@ -35,6 +35,7 @@ from dagster._core.definitions.reconstruct import ReconstructableJob, Reconstruc
 from dagster._core.instance.ref import InstanceRef
 
 from assets.definitions import all_assets, defs
+from assets.partitions import partition_keys
 from assets.resources import resources_from_env
 from pipeline.summary import main as print_summary
 
@@ -73,8 +74,8 @@ def _takes_ranges(node) -> bool:
     return policy is not None and policy.max_partitions_per_run is None
 
 
-def plan_runs(asset_graph, selected: set[dg.AssetKey], instance: dg.DagsterInstance | None = None
-              ) -> list[PlannedRun]:
+def plan_runs(asset_graph, selected: set[dg.AssetKey], instance: dg.DagsterInstance | None = None,
+              keys_of=None) -> list[PlannedRun]:
     """The runs that materialise `selected` over all partitions, in dependency order.
 
     Walks the selection in topological order; each stage starts at the first asset not yet planned and takes
@@ -82,7 +83,8 @@ def plan_runs(asset_graph, selected: set[dg.AssetKey], instance: dg.DagsterInsta
     - a one-key stage (assets that read `context.partition_key`) takes assets of the same partitions definition,
       themselves one-key, whose parents in the stage map partition k to partition k; it becomes one run per key;
     - any other stage takes unpartitioned assets and range-taking assets of one partitions definition; it becomes
-      one run, over the whole key range when it has partitioned assets."""
+      one run, over the whole key range when it has partitioned assets.
+    `keys_of(asset key, partitions definition)`: the keys to materialise (default: all of them)."""
     order = [k for k in asset_graph.toposorted_asset_keys if k in selected]
     planned: set[dg.AssetKey] = set()
     runs: list[PlannedRun] = []
@@ -110,7 +112,9 @@ def plan_runs(asset_graph, selected: set[dg.AssetKey], instance: dg.DagsterInsta
                 partitions_def = node_def
             stage.append(key)
         planned.update(stage)
-        keys = partitions_def.get_partition_keys(dynamic_partitions_store=instance) if partitions_def else []
+        keys = [] if partitions_def is None else (
+            keys_of(stage[0], partitions_def) if keys_of is not None
+            else partitions_def.get_partition_keys(dynamic_partitions_store=instance))
         if partitions_def is not None and not keys:
             raise ValueError(f"{stage[0].to_user_string()} has no partitions to materialise: add its partition keys "
                              "(e.g. MISP_SHARDS) or leave it out of the selection")
@@ -156,18 +160,33 @@ def _run_config(run: PlannedRun, configs: Mapping[str, dict], verbose: bool) -> 
             "loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "WARNING"}}}}
 
 
+def _recipe_keys(recipes: Sequence[str] | None):
+    """Keys of the pipeline's assets that the given mining recipes need (`assets.partitions.partition_keys`: every
+    shard, and only those recipes / SAE spaces); other assets (a test's own) get all their keys."""
+
+    def keys_of(key: dg.AssetKey, partitions_def: dg.PartitionsDefinition) -> list[str]:
+        ours = partition_keys(key.to_user_string(), list(recipes) if recipes else None)
+        if ours == [None]:
+            return partitions_def.get_partition_keys()
+        return [str(k) for k in ours]
+
+    return keys_of
+
+
 def materialise(selection: dg.AssetSelection | str | Sequence[str] = "*", instance: dg.DagsterInstance | None = None,
                 resources: Mapping[str, object] | None = None, configs: Mapping[str, dict] | None = None,
                 in_process: bool | None = None, verbose: bool = False,
-                assets: Sequence[dg.AssetsDefinition] | None = None) -> list[tuple[str, ExecutionResult]]:
+                assets: Sequence[dg.AssetsDefinition] | None = None,
+                recipes: Sequence[str] | None = None) -> list[tuple[str, ExecutionResult]]:
     """Materialise `selection` (asset names, a Dagster selection string such as "*shards_manifest", or an
     AssetSelection) over all partitions; stops at the first failed run. Returns (label, result) per run made.
 
     `resources`: resource objects to use instead of the environment's (tests, the experiment). `assets`: asset
     definitions to use instead of the pipeline's. Both live in this process, so they imply `in_process`.
-    `configs`: asset name -> its config (what the UI's launchpad takes), e.g. {"preference_shards": {"rule":
-    "random_pool"}}. `in_process`: every step in this process (default: only with `resources` or `assets`);
-    otherwise steps run under the executor of `assets.definitions.defs` ($MISP_EXECUTOR)."""
+    `configs`: asset name -> its config (what the UI's launchpad takes), e.g. {"pool_index": {"kind":
+    "hnsw"}} (the recipe, not a config, decides a shard set's rule). `in_process`: every step in this process (default: only with `resources` or `assets`);
+    otherwise steps run under the executor of `assets.definitions.defs` ($MISP_EXECUTOR). `recipes`: the mining
+    recipes (`assets/recipes.py`) whose partitions to make (default: the default recipe, what `make train` reads)."""
     instance = instance or _instance(verbose)
     configs = configs or {}
     if in_process is None:
@@ -188,8 +207,9 @@ def materialise(selection: dg.AssetSelection | str | Sequence[str] = "*", instan
     elif not isinstance(selection, dg.AssetSelection):
         selection = dg.AssetSelection.assets(*selection)
     graph = job.asset_layer.asset_graph
-    selected = selection.resolve(graph)
-    runs = plan_runs(graph, selected, instance)
+    # Observable sources (the per-shard data versions) are observed, not materialised.
+    selected = {k for k in selection.resolve(graph) if graph.get(k).is_materializable}
+    runs = plan_runs(graph, selected, instance, keys_of=_recipe_keys(recipes))
     invocation = uuid.uuid4().hex[:8]
     where = "an ephemeral instance" if instance.is_ephemeral else instance.root_directory
     print(f"materialising {len(selected)} assets in {len(runs)} run(s) on {where} "

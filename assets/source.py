@@ -2,24 +2,26 @@
 
 
 import dataclasses
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
+from assets import layout
+from assets.io_managers import Table, current_table, parquet_io, write_table
 from assets.metadata import counts_table, markdown_table, table_schema
 from assets.partitions import shard_index, shard_partitions
 from assets.resources import DataRoot, DataSource
 from pipeline.column_mapping import ColumnMapping
 from store.fingerprint import fingerprint, frame_fingerprint, sha256_file
-from pipeline.ingest import IngestLimits, IngestResult, NoUsableRowsError, ingest_examples, ingest_pool
 from pipeline.manifest_shard import shard_fingerprint
-from store.parquet_io import is_current, read_metadata, read_pair_if_current, write_pair, write_parquet_atomic
+from pipeline.ingest import IngestLimits, IngestResult, NoUsableRowsError, ingest_examples, ingest_pool
+from store.parquet_io import is_current, write_parquet_atomic
 from store.safe_image import ledger_changes, ledger_file, ledger_frame
-from store.paths import shard_file
 from world import PRESETS, generate_world
 
 
-@dg.asset(group_name="source", kinds={"parquet", "png"})
+@dg.asset(group_name="source", kinds={"parquet", "png"}, code_version="1")
 def source_data(context: dg.AssetExecutionContext, data_root: DataRoot, source: DataSource) -> dg.MaterializeResult:
     """The raw inputs. With the scene world as source: generate it (PNG images + preference manifest).
     With files: confirm the user's pool folder and manifest exist and fingerprint them."""
@@ -46,6 +48,10 @@ def source_data(context: dg.AssetExecutionContext, data_root: DataRoot, source: 
     return dg.MaterializeResult(metadata={"source": source.kind, **meta})
 
 
+CODE_VERSION = "2"
+"""Of the ingest assets: bump when a change to ingest changes the rows it writes (2: tables through the IO manager)."""
+
+
 def _ingest_metadata(result, out_path) -> dict:
     counts = result.counts()
     return {
@@ -60,39 +66,60 @@ def _ingest_metadata(result, out_path) -> dict:
     }
 
 
-def _ingest_or_reuse(context, fp: str, out, qout, ledger_path, limits: IngestLimits, run) -> IngestResult:
+def _ingest_or_reuse(context, fp: str, asset: str, root, ledger_path, limits: IngestLimits, run) -> IngestResult:
     """Run the ingest unless its outputs were written from the same inputs (resume). "Same inputs" covers the
     manifest or listing (in `fp`) and every image file the shard checked: the ledger's stamps (size, mtime,
     ctime, inode), re-hashing a file only where its stamp changed (`store.safe_image.ledger_changes`)."""
-    pair = read_pair_if_current(out, qout, fp)
+    out, qout = layout.table_file(root, asset, context.partition_key), layout.quarantine_file(root, asset,
+                                                                                           context.partition_key)
+    stored = current_table(out, qout, fp)
     # A shard whose every row was quarantined is rerun (so that it stops with the reason again); an empty one is not.
-    if pair is not None and (pair[0].height or not pair[1].height) and is_current(ledger_path, fp):
+    if stored is not None and (stored.rows.height or not stored.quarantine.height) and is_current(ledger_path, fp):
         changes = ledger_changes(pl.read_parquet(ledger_path), max_bytes=limits.max_file_bytes)
         if not changes:
             context.log.info(f"shard {context.partition_key}: inputs unchanged (its manifest rows or pool listing, "
                              f"and its image files), reusing {out}")
-            return IngestResult(*pair, int(read_metadata(out)["rows_in"]), images=pl.read_parquet(ledger_path))
+            return IngestResult(stored.rows, stored.quarantine, int(stored.provenance["rows_in"]),
+                                images=pl.read_parquet(ledger_path))
         context.log.info(f"shard {context.partition_key}: image files changed since the last ingest "
                          f"({'; '.join(changes)}); re-ingesting")
     try:
         result = run()
     except NoUsableRowsError as exc:
-        _write(exc.result, fp, out, qout, ledger_path)
+        # The run fails, so no output reaches the IO manager: write the quarantine (and the ledger) here, where
+        # the error message points.
+        write_parquet_atomic(_ledger(exc.result), ledger_path, _provenance(exc.result, fp))
+        write_table(_table(exc.result, fp), out, qout)
         raise NoUsableRowsError(f"{exc} [this shard's quarantine: {qout}]", exc.result) from None
-    _write(result, fp, out, qout, ledger_path)
+    write_parquet_atomic(_ledger(result), ledger_path, _provenance(result, fp))  # before the rows (IO manager)
     return result
 
 
-def _write(result: IngestResult, fp: str, out, qout, ledger_path) -> None:
-    """Ledger first, then quarantine, then rows: a rows file that exists has both beside it. `content` is the
-    fingerprint of the rows themselves (`retrieval_content` of the columns retrieval reads): stages downstream
-    key on them, so an identical re-ingest changes nothing and a new `chosen` text re-mines only its shard."""
+def _ledger(result: IngestResult) -> pl.DataFrame:
+    return result.images if result.images is not None else ledger_frame([])
+
+
+def _provenance(result: IngestResult, fp: str) -> dict:
+    """`content` is the fingerprint of the rows themselves, the data version Dagster compares: stages downstream
+    key on it, so an identical re-ingest changes nothing and a new `chosen` text re-mines only its shard."""
     meta = {"fingerprint": fp, "rows_in": result.rows_in,
-            "content": frame_fingerprint(result.rows, result.rows.columns)}
+            "content": frame_fingerprint(result.rows, result.rows.columns),
+            "quarantine_content": frame_fingerprint(result.quarantine, result.quarantine.columns)}
     if "example_id" in result.rows.columns:  # what retrieval (candidates, hence the SAE) reads: not `chosen`
         meta["retrieval_content"] = frame_fingerprint(result.rows, ("example_id", "image_sha256", "prompt"))
-    write_parquet_atomic(result.images if result.images is not None else ledger_frame([]), ledger_path, meta)
-    write_pair(result.rows, result.quarantine, out, qout, meta)
+    return meta
+
+
+def _table(result: IngestResult, fp: str) -> Table:
+    return Table(result.rows, result.quarantine, _provenance(result, fp))
+
+
+def _output(context, result: IngestResult, fp: str, asset: str, root) -> dg.Output:
+    context.log.info(f"shard {context.partition_key}: {result.rows_in} in, {result.rows.height} out, "
+                     f"{result.quarantine.height} quarantined {result.counts()}")
+    table = _table(result, fp)
+    return dg.Output(table, data_version=table.data_version,
+                     metadata=_ingest_metadata(result, layout.table_file(root, asset, context.partition_key)))
 
 
 def _pool_listing_fingerprint(pool_dir) -> str:
@@ -102,47 +129,89 @@ def _pool_listing_fingerprint(pool_dir) -> str:
     return fingerprint(entries)
 
 
-def _ledger_file(root, source: str, key: str):
-    return ledger_file(root, source, key)
+def pool_fingerprint(source: DataSource, root, shard: int, n: int, limits: IngestLimits) -> str:
+    """What one pool shard's ingest reads, by content: the pool folder's listing (the files themselves are covered
+    by the shard's ledger) and the limits. Both the `pool_images` asset (its reuse key) and the `pool_source`
+    observation (the shard's data version in the catalog) use it."""
+    pool_dir, _, _ = source.inputs(root)
+    return fingerprint("pool", _pool_listing_fingerprint(pool_dir), limits, n, shard, CODE_VERSION)
 
 
-@dg.asset(group_name="ingest", partitions_def=shard_partitions, deps=[source_data], kinds={"parquet"})
-def pool_images(context: dg.AssetExecutionContext, data_root: DataRoot, source: DataSource) -> dg.MaterializeResult:
+def examples_fingerprint(source: DataSource, root, shard: int, n: int, limits: IngestLimits) -> str:
+    """What one examples shard's ingest reads: its manifest rows, the image root, the column mapping and the limits
+    (the image files are covered by the shard's ledger). Used by `preference_examples` and `examples_source`."""
+    _, manifest, image_root = source.inputs(root)
+    mapping = ColumnMapping.resolve(source.column_mapping)
+    # This shard's own rows (plus the layout all shards share), not the whole file: a changed row re-ingests
+    # only its shard.
+    return fingerprint("examples", shard_fingerprint(manifest, mapping=mapping, shard=shard, num_shards=n,
+                                                     limits=limits, image_store=Path(root) / "ingest" / "images",
+                                                     parts=(str(image_root),)), CODE_VERSION)
+
+
+def _as_asset(source_asset: dg.SourceAsset) -> dg.AssetsDefinition:
+    """An observable source as the external `AssetsDefinition` Dagster turns it into anyway, so that the definitions
+    are one kind of object (`keys`, `map_asset_specs`, ...)."""
+    from dagster._core.definitions.external_asset import create_external_asset_from_source_asset
+
+    return create_external_asset_from_source_asset(source_asset)
+
+
+def _observe(fingerprint_of, data_root: DataRoot, source: DataSource) -> dg.DataVersionsByPartition:
+    """One data version per shard; `absent` while the source is not there yet (the world not generated)."""
+    root, keys = data_root.root(), shard_partitions.get_partition_keys()
+    versions = {}
+    for i, key in enumerate(keys):
+        try:
+            versions[key] = fingerprint_of(source, root, i, len(keys), IngestLimits())
+        except (FileNotFoundError, NotADirectoryError):
+            versions[key] = "absent"
+    return dg.DataVersionsByPartition({k: dg.DataVersion(v) for k, v in versions.items()})
+
+
+@_as_asset
+@dg.observable_source_asset(group_name="source", partitions_def=shard_partitions)
+def pool_source(data_root: DataRoot, source: DataSource) -> dg.DataVersionsByPartition:
+    """The pool folder as each pool shard's ingest sees it (observed: `assets.staleness.stale_or_missing` observes
+    it before deciding, the UI's "Observe sources" does too). A new data version marks that shard's ingest stale."""
+    return _observe(pool_fingerprint, data_root, source)
+
+
+@_as_asset
+@dg.observable_source_asset(group_name="source", partitions_def=shard_partitions)
+def examples_source(data_root: DataRoot, source: DataSource) -> dg.DataVersionsByPartition:
+    """The preference manifest as each examples shard's ingest sees it (observed, like `pool_source`)."""
+    return _observe(examples_fingerprint, data_root, source)
+
+
+@dg.asset(group_name="ingest", partitions_def=shard_partitions, deps=[source_data, pool_source], kinds={"parquet"},
+          io_manager_def=parquet_io, code_version=CODE_VERSION)
+def pool_images(context: dg.AssetExecutionContext, data_root: DataRoot, source: DataSource) -> dg.Output:
     """Validated pool images of one shard; bad files go to quarantine with a reason."""
     root = data_root.root()
     shard, n = shard_index(context)
     pool_dir, _, _ = source.inputs(root)
-    out = shard_file(root / "ingest" / "pool", context.partition_key)
-    qout = shard_file(root / "ingest" / "quarantine", context.partition_key, prefix="pool-shard=")
     limits = IngestLimits()
-    fp = fingerprint("pool", _pool_listing_fingerprint(pool_dir), limits, n, shard)
-    result = _ingest_or_reuse(context, fp, out, qout, _ledger_file(root, "pool", context.partition_key), limits,
-                              lambda: ingest_pool(pool_dir, shard=shard, num_shards=n, limits=limits, progress=True,
-                                                  require_usable=True))
-    context.log.info(f"shard {context.partition_key}: {result.rows_in} in, {result.rows.height} out, "
-                     f"{result.quarantine.height} quarantined {result.counts()}")
-    return dg.MaterializeResult(metadata=_ingest_metadata(result, out))
+    fp = pool_fingerprint(source, root, shard, n, limits)
+    result = _ingest_or_reuse(context, fp, "pool_images", root, ledger_file(root, "pool", context.partition_key),
+                              limits, lambda: ingest_pool(pool_dir, shard=shard, num_shards=n, limits=limits,
+                                                          progress=True, require_usable=True))
+    return _output(context, result, fp, "pool_images", root)
 
 
-@dg.asset(group_name="ingest", partitions_def=shard_partitions, deps=[source_data], kinds={"parquet"})
-def preference_examples(context: dg.AssetExecutionContext, data_root: DataRoot,
-                        source: DataSource) -> dg.MaterializeResult:
+@dg.asset(group_name="ingest", partitions_def=shard_partitions, deps=[source_data, examples_source],
+          kinds={"parquet"}, io_manager_def=parquet_io, code_version=CODE_VERSION)
+def preference_examples(context: dg.AssetExecutionContext, data_root: DataRoot, source: DataSource) -> dg.Output:
     """Validated preference examples of one shard; bad rows go to quarantine with a reason."""
     root = data_root.root()
     shard, n = shard_index(context)
     _, manifest, image_root = source.inputs(root)
     mapping = ColumnMapping.resolve(source.column_mapping)
-    out = shard_file(root / "ingest" / "examples", context.partition_key)
-    qout = shard_file(root / "ingest" / "quarantine", context.partition_key, prefix="examples-shard=")
     limits = IngestLimits()
-    # This shard's own rows (plus the layout all shards share), not the whole file: a changed row re-ingests
-    # only its shard. The image files are covered by the shard's ledger (`_ingest_or_reuse`).
-    fp = fingerprint("examples", shard_fingerprint(manifest, mapping=mapping, shard=shard, num_shards=n, limits=limits,
-                                                   image_store=root / "ingest" / "images", parts=(str(image_root),)))
-    result = _ingest_or_reuse(context, fp, out, qout, _ledger_file(root, "examples", context.partition_key), limits,
+    fp = examples_fingerprint(source, root, shard, n, limits)
+    result = _ingest_or_reuse(context, fp, "preference_examples", root,
+                              ledger_file(root, "examples", context.partition_key), limits,
                               lambda: ingest_examples(manifest, image_root=image_root, mapping=mapping, shard=shard,
                                                       num_shards=n, limits=limits, progress=True,
-                                                      image_store=root / "ingest" / "images", require_usable=True))
-    context.log.info(f"shard {context.partition_key}: {result.rows_in} in, {result.rows.height} out, "
-                     f"{result.quarantine.height} quarantined {result.counts()}")
-    return dg.MaterializeResult(metadata=_ingest_metadata(result, out))
+                                                      image_store=root / layout.IMAGE_STORE, require_usable=True))
+    return _output(context, result, fp, "preference_examples", root)

@@ -17,13 +17,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-SHARD_SETS: dict[str, tuple[str, str]] = {
-    "greedy": ("greedy", "fused"), "similarity": ("similarity", "fused"), "random": ("random_pool", "fused"),
-    "greedy_image": ("greedy", "image"),
-}
-"""Mined shard sets -> (selection rule, SAE space): `greedy` SAE score + diversity, `similarity` top-K CLIP,
-`random` uniform from the whole gallery (`random_pool`, the papers' random baseline); `greedy_image` is greedy with
-an SAE trained in the image space instead of the fused one."""
+from assets.recipes import RECIPES
+
+SHARD_SETS: dict[str, tuple[str, str]] = {name: (RECIPES[name].rule, RECIPES[name].space)
+                                          for name in ("greedy", "similarity", "random", "greedy_image")}
+"""The mining recipes (assets/recipes.py) the conditions use -> (selection rule, SAE space): `greedy` SAE score +
+diversity, `similarity` top-K CLIP, `random` uniform from the whole gallery (`random_pool`, the papers' random
+baseline); `greedy_image` is greedy with an SAE trained in the image space instead of the fused one. Each is a
+partition of the shard assets, mined once into its own folder."""
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,10 @@
     python -m experiment --quick --out /tmp/x # minutes: the tiny prior world, 2 seeds, a few steps (CI)
 
 Stages, each skipped when its output is current: the scene world of the language-prior regime and its mining
-chain (the Dagster assets, on the instance in $DAGSTER_HOME or an ephemeral one), the shard sets the conditions
-need (selection rules, SAE space) copied under `<root>/shard_sets/`, the base model (language pretraining, then
-a short image fine-tuning), then per condition and seed a training run and its evaluation, then the report.
+chain (the Dagster assets, on the instance in $DAGSTER_HOME or an ephemeral one) for the recipes the conditions
+need (selection rule x SAE space, each a partition of the shard assets with its own folder, `assets.layout.
+recipe_dir`), the base model (language pretraining, then a short image fine-tuning), then per condition and seed a
+training run and its evaluation, then the report.
 Work lives under `<data root>/experiment/<world preset>/`; a run whose config, base model and shards are
 unchanged is not redone. docs/experiment.md has the design.
 """
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from experiment.conditions import BASELINE, CONTROL, MAIN, SHARD_SETS, Condition, ablations, train_overrides
+from experiment.conditions import BASELINE, CONTROL, MAIN, Condition, ablations, train_overrides
 from experiment.report import format_console, write_report
 from store.fingerprint import fingerprint, sha256_file
 from store.parquet_io import write_bytes_atomic, write_json_atomic
@@ -94,7 +95,10 @@ class Context:
         return self.root / "models" / f"base-{self.cfg.base_preset}"
 
     def shard_set(self, name: str) -> Path:
-        return self.root / "shard_sets" / name
+        """Where the mining recipe `name` (assets/recipes.py) puts its shards and manifest."""
+        from assets.layout import recipe_dir
+
+        return recipe_dir(self.root, name)
 
 
 # ---------------------------------------------------------------------------------------------- mining
@@ -103,65 +107,37 @@ def _env(ctx: Context) -> dict[str, str]:
             "MISP_WORLD_PRESET": ctx.cfg.world_preset, "MISP_WORLD_SEED": "0"}
 
 
-def _set_recipes(cfg: ExperimentConfig) -> dict[str, dict[str, dict]]:
-    """Shard set -> the asset configs that mine it. K = m: the shards list every candidate in selection order,
-    so a run that uses K negatives takes the first K (greedy order is prefix-consistent), and `full pool`
-    takes them all."""
-    return {name: {"sae": {"space": space}, "preference_shards": {"k": cfg.candidates, "rule": rule}}
-            for name, (rule, space) in SHARD_SETS.items()}
-
-
-def _stamp(ctx: Context, recipe: dict) -> str:
-    return fingerprint(recipe, ctx.cfg.candidates, sha256_file(ctx.world_dir / "world.json"))
-
-
-def _is_current(ctx: Context, name: str, recipe: dict) -> bool:
-    folder = ctx.shard_set(name)
-    try:
-        return (ctx.world_dir / "world.json").is_file() and (folder / "manifest.json").is_file() and \
-            json.loads((folder / "stamp.json").read_text())["stamp"] == _stamp(ctx, recipe)
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-def _copy_shards(ctx: Context, name: str, recipe: dict) -> None:
-    """Copy <root>/shards into the named set; the stamp is written last, so a half copy is never current."""
-    src, dst = ctx.root / "shards", ctx.shard_set(name)
-    tmp = dst.with_name(f".{name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.tmp", ".*"))
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
-    write_json_atomic({"stamp": _stamp(ctx, recipe), "recipe": recipe}, dst / "stamp.json")
+def _mining_configs(cfg: ExperimentConfig) -> dict[str, dict]:
+    """The asset configs of the experiment's mining. K = m: the shards list every candidate in selection order, so
+    a run that uses K negatives takes the first K (greedy order is prefix-consistent), and `full pool` takes them
+    all."""
+    return {"candidates": {"m": cfg.candidates}, "preference_shards": {"k": cfg.candidates}}
 
 
 def prepare_shards(ctx: Context, needed: Sequence[str], instance=None) -> None:
-    """Generate the world, run the mining chain, and mine each needed shard set (skipping current ones)."""
-    recipes = _set_recipes(ctx.cfg)
-    todo = [n for n in dict.fromkeys(needed) if not _is_current(ctx, n, recipes[n])]
-    if not todo:
+    """Ask Dagster for the needed recipes' shard sets (recipes are partitions: each lands in its own folder,
+    `assets.layout.recipe_dir`): whatever `assets.staleness.stale_or_missing` reports for them, and only that, is
+    materialised; an asset that runs and finds its inputs and config unchanged returns what it stored."""
+    recipes = list(dict.fromkeys(needed))
+    if not recipes:
         return
     import dagster as dg
 
+    from assets.definitions import all_assets
+    from assets.partitions import partition_keys
     from assets.resources import resources_from_env
-    from assets.run_pipeline import materialise
+    from assets.staleness import materialize_due, stale_or_missing
 
     if instance is None:
         instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    names = [k.to_user_string() for a in all_assets for k in a.keys]
+    wanted = {name: partition_keys(name, recipes) for name in names}
     resources = resources_from_env(_env(ctx))
-    base_cfg = {"candidates": {"m": ctx.cfg.candidates}}
-    first = True
-    # Fused-space sets first: the image-space SAE replaces the fused one in <root>/models/sae.
-    for name in sorted(todo, key=lambda n: recipes[n]["sae"]["space"] != "fused"):
-        configs = {**base_cfg, **recipes[name]}
-        # The first set runs the whole chain; the others reuse its candidates and re-mine from the SAE on.
-        selection = "*" if first else ["sae", "preference_shards", "shards_manifest"]
-        done = materialise(selection, instance=instance, resources=resources, configs=configs)
-        if not done or not done[-1][1].success:
-            raise RuntimeError(f"mining the {name!r} shard set failed at {done[-1][0] if done else '?'}; see the "
-                               "Dagster logs above (or in the UI), fix the cause and rerun: finished work is kept")
-        first = False
-        _copy_shards(ctx, name, recipes[name])
+    todo = stale_or_missing(instance, all_assets, names, wanted, root=ctx.root, resources=resources)
+    done = materialize_due(instance, all_assets, resources, todo, _mining_configs(ctx.cfg))
+    if done and not done[-1][1].success:
+        raise RuntimeError(f"mining the shard sets {recipes} failed at {done[-1][0]}; see the Dagster logs above (or "
+                           "in the UI), fix the cause and rerun: finished work is kept")
 
 
 # ---------------------------------------------------------------------------------------------- base model
@@ -196,12 +172,10 @@ def _train_config(ctx: Context, cond: Condition, seed: int, out: Path):
     from trainer.config import TrainConfig
 
     c = ctx.cfg
-    # train_overrides gives the preset and the changes to its loss: from_dict reads them as the nested LossConfig
-    return TrainConfig.from_dict(dict(
-        run_name=out.name, **train_overrides(cond, c.sft_weight), model=str(ctx.base_dir),
-        shards=str(ctx.shard_set(cond.shards)), data_root=str(ctx.root), output_dir=str(out), max_steps=c.steps,
-        batch_size=c.batch_size, lr=c.lr, warmup_steps=c.warmup_steps, max_length=c.max_length, save_every=c.steps,
-        keep_checkpoints=1, seed=seed))
+    return TrainConfig(run_name=out.name, **train_overrides(cond, c.sft_weight), model=str(ctx.base_dir),
+                       shards=str(ctx.shard_set(cond.shards)), data_root=str(ctx.root), output_dir=str(out),
+                       max_steps=c.steps, batch_size=c.batch_size, lr=c.lr, warmup_steps=c.warmup_steps,
+                       max_length=c.max_length, save_every=c.steps, keep_checkpoints=1, seed=seed)
 
 
 def _final_metrics(metrics_file: Path, last: int = 20) -> tuple[dict[str, float], dict[str, Any]]:

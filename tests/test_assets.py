@@ -22,8 +22,8 @@ EMBED_ASSETS = ["pool_images", "preference_examples", "pool_embeddings", "positi
 def test_definitions_load():
     dg.Definitions.validate_loadable(defs)
     keys = {k.to_user_string() for a in all_assets for k in a.keys}
-    assert keys == {"source_data", "clip_model", *EMBED_ASSETS, "pool_index", "candidates", "sae",
-                    "preference_shards", "shards_manifest"}
+    assert keys == {"source_data", "pool_source", "examples_source", "clip_model", *EMBED_ASSETS, "pool_index", "candidates", "sae",
+                    "mining_recipe", "preference_shards", "shards_manifest"}
     checks = {k.name for a in all_assets for k in a.check_keys}
     assert {"finite", "unit_norm", "one_row_per_input", "q_sums_to_one"} <= checks
 

@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from assets.definitions import all_assets
+from assets.partitions import partition_keys
 from assets.resources import ClipModel, DataRoot, DataSource
 from pipeline.checks import check_unique_keys
 from world.clip import WorldClipConfig, save_world_clip
@@ -289,9 +290,9 @@ def test_the_mining_chain_finishes_on_the_good_rows(corpus, mined_corpus):
     manifest counts the quarantined ones."""
     data, _, resources = mined_corpus
     instance = dg.DagsterInstance.ephemeral()
-    for selection, partitioned in ((["pool_index"], False), (["candidates"], True), (["sae"], False),
-                                   (["preference_shards"], True), (["shards_manifest"], False)):
-        for key in shard_keys() if partitioned else [None]:
+    for selection in (["pool_index"], ["candidates"], ["sae"], ["mining_recipe"], ["preference_shards"],
+                      ["shards_manifest"]):
+        for key in partition_keys(selection[0]):
             assert dg.materialize(all_assets, selection=selection, partition_key=key, instance=instance,
                                   resources=resources).success
     shards = load_shards(data / "shards")

@@ -47,13 +47,13 @@ def test_the_chain_on_a_two_worker_dask_cluster_equals_the_in_process_run(refere
 
     assert len(workers) == 2
     # Quiet: the run lines and the summary, no Dagster DEBUG events.
-    assert "=== [10/10] shards_manifest" in out and " - DEBUG - " not in out and "STEP_START" not in out
+    assert "=== [11/11] shards_manifest" in out and " - DEBUG - " not in out and "STEP_START" not in out
     assert "open them in Polars" in out  # the summary
 
     # Every step of every run started in one of the two workers, and both did work.
     with dg.DagsterInstance.from_config(str(home)) as instance:
         runs = instance.get_runs()
-        assert len(runs) == 10 and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+        assert len(runs) == 11 and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
         starts = [e for r in runs for e in instance.all_logs(r.run_id, of_type=dg.DagsterEventType.STEP_START)]
     assert len(starts) == 2 + 2 * 5 + 1 + 2 + 1 + 2 + 1  # 12 assets, the per-shard ones once per shard
     assert {e.dagster_event.pid for e in starts} == workers

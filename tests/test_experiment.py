@@ -106,13 +106,13 @@ def quick(tmp_path_factory):
     root = tmp_path_factory.mktemp("experiment")
     out = root / "report" / "quick.md"
     conds = plan(True, True, QUICK)
-    records = run_experiment(QUICK, conds, out, title="quick", root=root / "work", progress=False,
-                             instance=dg.DagsterInstance.ephemeral())
-    return root, out, conds, records
+    instance = dg.DagsterInstance.ephemeral()
+    records = run_experiment(QUICK, conds, out, title="quick", root=root / "work", progress=False, instance=instance)
+    return root, out, conds, records, instance
 
 
 def test_quick_experiment_reports_every_condition_and_seed(quick):
-    root, out, conds, records = quick
+    root, out, conds, records, _ = quick
     expected = {(c.group, c.name, s) for c in conds for s in (QUICK.seeds[:1] if c.preset is None else QUICK.seeds)}
     assert {(r["group"], r["condition"], r["seed"]) for r in records} == expected
     assert load_records(out.with_suffix(".results.jsonl")) == records
@@ -124,7 +124,7 @@ def test_quick_experiment_reports_every_condition_and_seed(quick):
 
 
 def test_quick_experiment_costs_follow_the_presets(quick):
-    _, _, _, records = quick
+    _, _, _, records, _ = quick
     by = {(r["group"], r["condition"], r["seed"]): r for r in records}
     examples = QUICK.steps * QUICK.batch_size
     assert by[("main", "base", 0)]["train"] is None
@@ -143,20 +143,31 @@ def test_quick_experiment_costs_follow_the_presets(quick):
 
 
 def test_quick_experiment_mines_one_shard_set_per_rule_and_space(quick):
-    root, *_ = quick
-    sets = root / "work" / "shard_sets"
-    rules = {}
+    """Each recipe is a partition of the shard assets with its own folder and its own catalog entries; the two SAE
+    spaces coexist; nothing is copied aside."""
+    from assets.layout import recipe_dir, sae_dir
+    from pipeline.sharding import shard_keys
+
+    root, _, _, _, instance = quick
+    work = root / "work"
+    rules, sae_folders = {}, {}
     for name in ("greedy", "similarity", "random", "greedy_image"):
-        manifest = json.loads((sets / name / "manifest.json").read_text())
+        manifest = json.loads((recipe_dir(work, name) / "manifest.json").read_text())
         rules[name] = {s["config"]["rule"] for s in manifest["shards"]}
         assert {s["config"]["k"] for s in manifest["shards"]} == {QUICK.candidates}
+        assert manifest["recipe"]["name"] == name
+        sae_folders[name] = manifest["sae"]["folder"]
     assert rules == {"greedy": {"greedy"}, "similarity": {"similarity"}, "random": {"random_pool"},
                      "greedy_image": {"greedy"}}
-    assert json.loads((sets / "greedy_image" / "stamp.json").read_text())["recipe"]["sae"]["space"] == "image"
+    assert sae_folders["greedy_image"] == str(sae_dir(work, "image")) != sae_folders["greedy"] == str(sae_dir(work))
+    assert not (work / "shard_sets").exists()
+    shards = instance.get_materialized_partitions(dg.AssetKey("preference_shards"))
+    assert shards == {f"{r}|{k}" for r in ("greedy", "similarity", "random", "greedy_image") for k in shard_keys()}
+    assert instance.get_materialized_partitions(dg.AssetKey("sae")) == {"fused", "image"}
 
 
 def test_quick_experiment_rerun_reuses_every_result(quick, monkeypatch):
-    root, out, conds, records = quick
+    root, out, conds, records, _ = quick
     results = sorted((root / "work" / "runs").glob("*/result.json"))
     before = {p: os.stat(p).st_mtime_ns for p in results}
     # another spelling of the same root and a progress bar: neither is part of what a result depends on
@@ -169,7 +180,7 @@ def test_quick_experiment_rerun_reuses_every_result(quick, monkeypatch):
 
 def test_a_stale_evaluation_is_redone_without_retraining(quick, monkeypatch):
     """Runs after the rerun test: it leaves results evaluated under another EVAL_VERSION."""
-    root, out, conds, records = quick
+    root, out, conds, records, _ = quick
     import experiment.run as run
 
     final = root / "work" / "runs"

@@ -52,11 +52,11 @@ def reference_with_base(reference) -> Path:
 
 
 def assert_every_final_file_is_whole(root: Path) -> None:
-    """Every file under a final name reads completely. (A killed writer may leave `.<name>.<random>.tmp` behind:
-    no reader's pattern matches it.)"""
+    """Every file under a final name reads completely. (A killed writer may leave `.<name>.<random>.tmp` files or
+    staged model folders behind: no reader's pattern matches them.)"""
     for f in root.rglob("*"):
-        if f.name.startswith(".") or not f.is_file():
-            continue
+        if any(part.startswith(".") for part in f.relative_to(root).parts) or not f.is_file():
+            continue  # a staged model folder (`.sae.<random>.staging/`) is not under its final name either
         if f.suffix == ".parquet":
             pq.read_table(f)  # a truncated file has no footer and raises
         elif f.suffix == ".json":
@@ -77,17 +77,17 @@ def test_pipeline_killed_mid_embedding_and_mid_mining_reruns_to_identical_shards
     env = cli_env(root, home)
 
     # 1. SIGKILL while shard 001's pool images are being embedded (its progress bar has started).
-    stage = r"=== \[3/10\] pool_images, preference_examples, pool_embeddings, positive_embeddings, prompt_embeddings"
+    stage = r"=== \[3/11\] pool_images, preference_examples, pool_embeddings, positive_embeddings, prompt_embeddings"
     out = run_until(pipeline_args(), env, [stage + r" \[partition 001\]", r"embed pool:"])
-    assert "=== [4/10]" not in out, "the kill came after the embedding stage"
+    assert "=== [4/11]" not in out, "the kill came after the embedding stage"
     assert (root / "embeddings" / "prompts" / "shard=000.parquet").exists()  # shard 000 finished before
     assert not (root / "embeddings" / "prompts" / "shard=001.parquet").exists()
     assert_every_final_file_is_whole(root)
 
     # 2. Rerun: finished work is skipped; SIGKILL once shard 001's mining step has started.
-    out = run_until(pipeline_args(), env, [r"=== \[9/10\] preference_shards \[partition 001\]",
+    out = run_until(pipeline_args(), env, [r"=== \[10/11\] preference_shards \[partition greedy\|001\]",
                                            r"preference_shards - STEP_START"])
-    assert "=== [10/10]" not in out, "the kill came after the mining stage"
+    assert "=== [11/11]" not in out, "the kill came after the mining stage"
     assert f"{root / 'embeddings' / 'pool' / 'shard=000.parquet'} is current" in out
     assert (root / "shards" / "shard=000.parquet").exists() and not (root / "shards" / "manifest.json").exists()
     assert_every_final_file_is_whole(root)

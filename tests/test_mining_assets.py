@@ -9,6 +9,8 @@ import polars as pl
 from PIL import Image
 
 from assets.definitions import all_assets
+from assets.partitions import recipe_shard_key
+from assets.recipes import DEFAULT_RECIPE
 from store.fingerprint import sha256_file
 from pipeline.mine import NEGATIVE_LIST, POOL_LIST
 from pipeline.shard_checks import SHARD_CHECK_NAMES
@@ -88,8 +90,8 @@ def test_resume_after_interruption_gives_the_same_shards(mined):
         (root / "shards" / f"shard={k}.parquet").unlink()
         (root / "mining" / "candidates" / f"shard={k}.parquet").unlink()
     for k in shard_keys():
-        for selection in (["candidates"], ["preference_shards"]):
-            assert dg.materialize(all_assets, selection=selection, partition_key=k, instance=instance,
+        for selection, key in ((["candidates"], k), (["preference_shards"], recipe_shard_key(DEFAULT_RECIPE, k))):
+            assert dg.materialize(all_assets, selection=selection, partition_key=key, instance=instance,
                                   resources=resources).success
     after = _shards(root)
     assert kept.stat().st_mtime_ns == kept_mtime

@@ -13,11 +13,14 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from assets.recipes import DEFAULT_RECIPE
 from cli_runs import (SHARDS, assert_same_tables, cli_env, kill_group, materialize_args, pipeline_args,
                       reference_run, run, seed_root, start, tables)
 
 PER_SHARD_EMBEDDING = "pool_images,preference_examples,pool_embeddings,positive_embeddings,prompt_embeddings"
-PER_SHARD_MINING = "candidates,preference_shards"
+PER_SHARD_CANDIDATES = "candidates"
+PER_SHARD_MINING = "preference_shards"
+"""Partitioned per (recipe, shard): its runs are keyed `greedy|000`... (the default recipe)."""
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +28,11 @@ def reference(tmp_path_factory) -> Path:
     return reference_run(tmp_path_factory)
 
 
-def materialise_shards_at_once(selection: str, env: dict[str, str], timeout: float = 400) -> dict[str, str]:
-    """One `dagster asset materialize --partition k` per shard, all started together; {shard: output}. Fails
-    naming the shard whose run failed."""
-    procs = {k: start(materialize_args(selection, k), env) for k in SHARDS}
+def materialise_shards_at_once(selection: str, env: dict[str, str], timeout: float = 400,
+                               recipe: str | None = None) -> dict[str, str]:
+    """One `dagster asset materialize --partition k` per shard (`<recipe>|k` for the assets partitioned per recipe
+    and shard), all started together; {shard: output}. Fails naming the shard whose run failed."""
+    procs = {k: start(materialize_args(selection, f"{recipe}|{k}" if recipe else k), env) for k in SHARDS}
     deadline, outputs = time.monotonic() + timeout, {}
     try:
         for k, proc in procs.items():
@@ -75,7 +79,8 @@ def test_shards_materialised_at_once_equal_the_sequential_run(reference, tmp_pat
     for k in SHARDS:
         for folder in ("mining/candidates", "shards"):
             (root / folder / f"shard={k}.parquet").unlink()
-    materialise_shards_at_once(PER_SHARD_MINING, env)
+    materialise_shards_at_once(PER_SHARD_CANDIDATES, env)
+    materialise_shards_at_once(PER_SHARD_MINING, env, recipe=DEFAULT_RECIPE)
     folders = ("ingest", "embeddings", "index", "mining", "shards")
     assert_same_tables(tables(root, folders), tables(reference, folders))
     with dg.DagsterInstance.get() as instance:

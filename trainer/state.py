@@ -191,8 +191,9 @@ def check_shard_rule(loss_cfg: LossConfig, shards_dir: Path) -> None:
     rules = {(read_metadata(f).get("config") or {}).get("rule") for f in files}
     if rules != {loss_cfg.shard_rule}:
         raise ValueError(f"the preset needs shards mined with rule={loss_cfg.shard_rule!r} but {shards_dir} holds "
-                         f"{sorted(map(str, rules))}; mine them with that rule (preference_shards config `rule`) "
-                         "into another data root, or choose another preset")
+                         f"{sorted(map(str, rules))}; point --shards at a shard set mined with that rule (each mining recipe "
+                         "has its own, e.g. <data root>/shards/recipes/random for random_pool: docs/shards.md), or "
+                         "choose another preset")
 
 
 def batch_layout(cfg: TrainConfig, loss_cfg: LossConfig, num_processes: int) -> dict:
