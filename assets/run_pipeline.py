@@ -15,8 +15,11 @@ Steps run in processes of their own (the multiprocess executor of `assets.defini
 $MISP_EXECUTOR: `dask` for a Dask cluster), or all in this process with `--in-process`. Output is quiet by default:
 one line per run, the progress bars, warnings and errors, the summary; `--verbose` shows Dagster's DEBUG log.
 
-Rerunning resumes: work whose inputs are unchanged is skipped inside each asset (fingerprints in the Parquet
-metadata), so a rerun after success or an interruption redoes only what is missing or changed.
+Rerunning resumes: each asset compares the fingerprint of its inputs, config and code version with what its IO
+manager stored and returns the stored output when they match (nothing recomputed or rewritten, the same data
+version, so the UI shows the partition materialised and not stale); a rerun after success or an interruption
+redoes only what is missing or changed. The runs themselves are still made: Dagster's staleness
+(`assets.staleness.stale_or_missing`) does not see run config or resources, so it cannot alone decide to skip one.
 """
 
 from __future__ import annotations
@@ -173,6 +176,14 @@ def _recipe_keys(recipes: Sequence[str] | None):
     return keys_of
 
 
+def plan_pipeline(graph, selection: dg.AssetSelection, instance: dg.DagsterInstance | None = None,
+                  recipes: Sequence[str] | None = None) -> list[PlannedRun]:
+    """The runs of `selection` over the partitions the recipes need. Observable sources (the per-shard data
+    versions) are observed, not materialised, so they are left out."""
+    selected = {k for k in selection.resolve(graph) if graph.get(k).is_materializable}
+    return plan_runs(graph, selected, instance, keys_of=_recipe_keys(recipes))
+
+
 def materialise(selection: dg.AssetSelection | str | Sequence[str] = "*", instance: dg.DagsterInstance | None = None,
                 resources: Mapping[str, object] | None = None, configs: Mapping[str, dict] | None = None,
                 in_process: bool | None = None, verbose: bool = False,
@@ -207,9 +218,8 @@ def materialise(selection: dg.AssetSelection | str | Sequence[str] = "*", instan
     elif not isinstance(selection, dg.AssetSelection):
         selection = dg.AssetSelection.assets(*selection)
     graph = job.asset_layer.asset_graph
-    # Observable sources (the per-shard data versions) are observed, not materialised.
-    selected = {k for k in selection.resolve(graph) if graph.get(k).is_materializable}
-    runs = plan_runs(graph, selected, instance, keys_of=_recipe_keys(recipes))
+    runs = plan_pipeline(graph, selection, instance, recipes)
+    selected = {k for run in runs for k in run.assets}
     invocation = uuid.uuid4().hex[:8]
     where = "an ephemeral instance" if instance.is_ephemeral else instance.root_directory
     print(f"materialising {len(selected)} assets in {len(runs)} run(s) on {where} "
@@ -255,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     selection = dg.AssetSelection.from_string(args.select) if args.select else UNTIL[args.until]
     results = materialise(selection, in_process=args.in_process, verbose=args.verbose)
-    if not results or not all(r.success for _, r in results):
+    if not all(r.success for _, r in results):
         return 1
     return print_summary([])
 

@@ -1,4 +1,5 @@
-"""What is not current: the one answer to "what must run", for the CLI, the experiment and the UI alike.
+"""What is not current, as Dagster sees it: the STALE / MISSING flags the UI shows, with files gone from disk and
+the downstream closure added; for inspection and tests (`python -c "..."` or a notebook) and the UI alike.
 
 Dagster decides from what it recorded: every asset declares a `code_version` and every materialisation a data
 version (the fingerprint of its inputs and config, or of the rows themselves), so a partition is STALE when its
@@ -112,34 +113,3 @@ def _upstream_reason(asset_graph, key, pk, parents, todo) -> str | None:
         if hit is not None or any(p is None for p in running):
             return f"upstream {parent_name}[{hit}] must run"
     return None
-
-
-STAGES: tuple[tuple[str, ...], ...] = (
-    ("source_data", "clip_model"),
-    ("pool_images", "preference_examples", "pool_embeddings", "positive_embeddings", "prompt_embeddings"),
-    ("pool_index",), ("candidates",), ("sae",), ("mining_recipe",), ("preference_shards",), ("shards_manifest",),
-)
-"""Assets that share their partitions and run together, in dependency order (one Dagster run per partition)."""
-
-
-def materialize_due(instance: dg.DagsterInstance, assets: Sequence, resources: dict, todo: Sequence[Todo],
-                    configs: dict[str, dict] | None = None, log=print) -> list[tuple[str, dg.ExecuteInProcessResult]]:
-    """Materialise exactly the `todo` of `stale_or_missing`, stage by stage and partition by partition, in process;
-    stops at the first failed run. Returns (label, result) per run."""
-    due: dict[str, list[str | None]] = {}
-    for t in todo:
-        due.setdefault(t.asset, []).append(t.partition)
-    done = []
-    for stage in STAGES:
-        keys = list(dict.fromkeys(p for name in stage for p in due.get(name, [])))
-        for key in keys:
-            selection = [name for name in stage if key in due.get(name, [])]
-            label = ", ".join(selection) + (f" [{key}]" if key is not None else "")
-            log(f"=== {label}")
-            run_config = {"ops": {n: {"config": (configs or {})[n]} for n in selection if n in (configs or {})}}
-            result = dg.materialize(list(assets), selection=selection, partition_key=key, instance=instance,
-                                    resources=resources, raise_on_error=False, run_config=run_config)
-            done.append((label, result))
-            if not result.success:
-                return done
-    return done

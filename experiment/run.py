@@ -116,25 +116,20 @@ def _mining_configs(cfg: ExperimentConfig) -> dict[str, dict]:
 
 def prepare_shards(ctx: Context, needed: Sequence[str], instance=None) -> None:
     """Ask Dagster for the needed recipes' shard sets (recipes are partitions: each lands in its own folder,
-    `assets.layout.recipe_dir`): whatever `assets.staleness.stale_or_missing` reports for them, and only that, is
-    materialised; an asset that runs and finds its inputs and config unchanged returns what it stored."""
+    `assets.layout.recipe_dir`), through the same `materialise` as `make mine`: every asset that runs and finds its
+    inputs, config and code version unchanged returns what it stored (nothing recomputed or rewritten)."""
     recipes = list(dict.fromkeys(needed))
     if not recipes:
         return
     import dagster as dg
 
-    from assets.definitions import all_assets
-    from assets.partitions import partition_keys
     from assets.resources import resources_from_env
-    from assets.staleness import materialize_due, stale_or_missing
+    from assets.run_pipeline import materialise
 
     if instance is None:
         instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
-    names = [k.to_user_string() for a in all_assets for k in a.keys]
-    wanted = {name: partition_keys(name, recipes) for name in names}
-    resources = resources_from_env(_env(ctx))
-    todo = stale_or_missing(instance, all_assets, names, wanted, root=ctx.root, resources=resources)
-    done = materialize_due(instance, all_assets, resources, todo, _mining_configs(ctx.cfg))
+    done = materialise("*", instance=instance, resources=resources_from_env(_env(ctx)),
+                       configs=_mining_configs(ctx.cfg), recipes=recipes)
     if done and not done[-1][1].success:
         raise RuntimeError(f"mining the shard sets {recipes} failed at {done[-1][0]}; see the Dagster logs above (or "
                            "in the UI), fix the cause and rerun: finished work is kept")

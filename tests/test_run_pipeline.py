@@ -9,7 +9,7 @@ import dagster as dg
 import pytest
 
 from assets.definitions import defs, executor_from_env
-from assets.run_pipeline import UNTIL, materialise, plan_runs
+from assets.run_pipeline import UNTIL, materialise, plan_pipeline, plan_runs
 
 KEYS = ["000", "001", "002"]
 PARTS = dg.StaticPartitionsDefinition(KEYS)
@@ -64,17 +64,22 @@ def _plan(assets, selection) -> list[str]:
 
 def test_the_chain_is_planned_from_the_asset_graph():
     """The runs `make mine` makes, derived from the graph: unpartitioned neighbours share a run, consecutive
-    one-key assets of a shard share one run per shard."""
+    one-key assets of a shard share one run per shard; only the default recipe's partitions (what `make train`
+    reads), and the observable sources are left out (they are observed, not materialised)."""
     graph = defs.resolve_asset_graph()
-    labels = [run.label for run in plan_runs(graph, UNTIL["shards"].resolve(graph))]
+    labels = [run.label for run in plan_pipeline(graph, UNTIL["shards"])]
     embed = "pool_images, preference_examples, pool_embeddings, positive_embeddings, prompt_embeddings"
-    shards = dg.StaticPartitionsDefinition  # the shard keys come from the assets' own partitions definition
     keys = graph.get(dg.AssetKey("candidates")).partitions_def.get_partition_keys()
-    assert isinstance(graph.get(dg.AssetKey("candidates")).partitions_def, shards)
+    assert isinstance(graph.get(dg.AssetKey("candidates")).partitions_def, dg.StaticPartitionsDefinition)
     assert labels == ["source_data, clip_model", *(f"{embed} [partition {k}]" for k in keys), "pool_index",
-                      *(f"candidates [partition {k}]" for k in keys), "sae",
-                      *(f"preference_shards [partition {k}]" for k in keys), "shards_manifest"]
-    assert [run.label for run in plan_runs(graph, UNTIL["embeddings"].resolve(graph))] == labels[:1 + len(keys)]
+                      *(f"candidates [partition {k}]" for k in keys), "sae [partition fused]",
+                      "mining_recipe [partition greedy]",
+                      *(f"preference_shards [partition greedy|{k}]" for k in keys), "shards_manifest [partition greedy]"]
+    assert [run.label for run in plan_pipeline(graph, UNTIL["embeddings"])] == labels[:1 + len(keys)]
+    # Another recipe in another space: its SAE space and its shard set, nothing of the default's.
+    other = [run.label for run in plan_pipeline(graph, UNTIL["shards"], recipes=["greedy_image"])]
+    assert "sae [partition image]" in other and "sae [partition fused]" not in other
+    assert other[-1] == "shards_manifest [partition greedy_image]"
 
 
 def test_assets_that_take_ranges_share_one_run_with_their_neighbours():

@@ -16,7 +16,7 @@ from pipeline.sharding import shard_keys
 
 NAMES = [k.to_user_string() for a in all_assets for k in a.keys]
 DEFAULT = {name: partition_keys(name) for name in NAMES}
-"""The default recipe's partitions: what the `mined` fixture (run_stages) materialised."""
+"""The default recipe's partitions: what the `mined` fixture (materialise) materialised."""
 MINING_DOWNSTREAM_OF_CANDIDATES = {"candidates", "sae", "mining_recipe", "preference_shards", "shards_manifest"}
 
 
