@@ -167,10 +167,12 @@ def _train_config(ctx: Context, cond: Condition, seed: int, out: Path):
     from trainer.config import TrainConfig
 
     c = ctx.cfg
-    return TrainConfig(run_name=out.name, **train_overrides(cond, c.sft_weight), model=str(ctx.base_dir),
-                       shards=str(ctx.shard_set(cond.shards)), data_root=str(ctx.root), output_dir=str(out),
-                       max_steps=c.steps, batch_size=c.batch_size, lr=c.lr, warmup_steps=c.warmup_steps,
-                       max_length=c.max_length, save_every=c.steps, keep_checkpoints=1, seed=seed)
+    # train_overrides gives the preset and the changes to its loss: from_dict reads them as the nested LossConfig
+    return TrainConfig.from_dict(dict(
+        run_name=out.name, **train_overrides(cond, c.sft_weight), model=str(ctx.base_dir),
+        shards=str(ctx.shard_set(cond.shards)), data_root=str(ctx.root), output_dir=str(out), max_steps=c.steps,
+        batch_size=c.batch_size, lr=c.lr, warmup_steps=c.warmup_steps, max_length=c.max_length, save_every=c.steps,
+        keep_checkpoints=1, seed=seed))
 
 
 def _final_metrics(metrics_file: Path, last: int = 20) -> tuple[dict[str, float], dict[str, Any]]:

@@ -61,7 +61,7 @@ def test_each_shard_is_internally_consistent(mined):
 
 
 def test_sae_asset_reports_learning_and_latents(mined):
-    result = [r for label, r in mined[3] if label == "sae"][0]
+    result = [r for label, r in mined[3] if label == "sae [partition fused]"][0]
     meta = result.asset_materializations_for_node("sae")[0].metadata
     assert meta["val/fvu"].value < 0.5  # a mean-only model scores 1.0
     assert "latents_by_attribute" in meta and (mined[0] / "models" / "sae" / "latents.parquet").exists()

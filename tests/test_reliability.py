@@ -357,7 +357,7 @@ def test_exactly_one_good_example_names_the_sae_minimum_and_the_knob(tmp_path):
     results = materialise(["source_data", *per_shard, "pool_index", "candidates", "sae"],
                           instance=dg.DagsterInstance.ephemeral(), resources=res)
     label, last = results[-1]
-    assert label == "sae" and not last.success, [(lbl, r.success) for lbl, r in results]
+    assert label == "sae [partition fused]" and not last.success, [(lbl, r.success) for lbl, r in results]
     text = error_text(last)
     assert "the SAE needs at least 20" in text and "pairs_per_example" in text and "FVU is inf" not in text
 
@@ -496,7 +496,7 @@ def test_shard_fingerprint_follows_its_own_rows(tmp_path):
     assert all(a != b for a, b in zip(after, fps()))
 
 
-def test_the_trainer_without_a_ledger_names_the_data_root_and_the_variable(tmp_path, monkeypatch):
+def test_the_trainer_without_a_ledger_names_the_data_root_and_the_variable(world_base, tmp_path, monkeypatch):
     """Images are verified against the data root's ledger; a data root without one (ingest ran elsewhere, or
     MISP_DATA_ROOT points at the wrong folder) stops the trainer at once, not silently unverified."""
     import store.paths
@@ -509,7 +509,8 @@ def test_the_trainer_without_a_ledger_names_the_data_root_and_the_variable(tmp_p
     empty = tmp_path / "elsewhere"
     monkeypatch.setenv("MISP_DATA_ROOT", str(empty))
     with pytest.raises(LedgerMissingError, match=rf"data root {empty}.*MISP_DATA_ROOT \(now {empty}\)"):
-        train(load_config(None, ["--data_root", str(empty), "--run_name", "r"]), progress=False)
+        train(load_config(None, ["--data_root", str(empty), "--run_name", "r",
+                                 "--model", str(world_base / "models" / "base")]), progress=False)
     # A reader that only has a path (trainer.rows.load_image): the same error, naming where it looked.
     image = tmp_path / "a.png"
     Image.new("RGB", (16, 16), (1, 2, 3)).save(image)
