@@ -149,7 +149,8 @@ def describe_base(config: dict[str, Any]) -> str:
     st = config.get("staged")
     if not st:
         return f"{config['steps']} SFT steps"
-    tune = f", then {st['tune_steps']} tuning steps on its top {st['tune_layers']} layers" if st["tune_steps"] else ""
+    on = " on yes/no questions" if st.get("tune_qa_fraction") == 1.0 else ""
+    tune = f", then {st['tune_steps']} tuning steps{on} on its top {st['tune_layers']} layers" if st["tune_steps"] else ""
     return (f"built like LLaVA: a vision encoder trained on the ground truth ({st['encoder']['steps']} steps, frozen), "
             f"{st['slot_steps']} language-model steps reading slots on the text corpus, {st['projector_steps']} "
             f"projector-only steps{tune}")

@@ -257,3 +257,76 @@ def test_staged_report_records_the_prior_probe(uncertain_world, tmp_path):
     assert {k: v for k, v in again.items() if k != "samples"} == {k: v for k, v in probe.items() if k != "samples"}
     figures = json.loads(path.read_text())["figures"]
     assert figures["prior_probe"]["pairs"] == probe["pairs"] and "prior_probe_rate" in figures["targets"]
+
+
+# ---------------------------------------------------------------------------------------------- yes/no weighting
+def test_the_yes_no_word_weighs_answer_weight_and_nothing_else_changes(uncertain_world):
+    from trainer.model_loading import encode_batch
+    from world.base_recipe import Row, answer_weights, weighted_answer_loss, yesno_row
+
+    torch.manual_seed(0)
+    model, processor = build_world_vlm(uncertain_world, PRIOR_TINY)
+    scene = Scene((ObjectSpec("circle", "red", "large", "top left"),), "dark")
+    rows = [yesno_row(scene, ("circle", "square"), ("red", "blue"), np.random.default_rng(0)),
+            Row(grammar.DESCRIBE_PROMPT, grammar.caption(scene))]
+    assert rows[0].yesno and not rows[1].yesno
+    image = np.full((48, 48, 3), 128, dtype=np.uint8)
+    batch = encode_batch(processor, [image] * 2, [r.prompt for r in rows], [r.answer for r in rows], max_length=80)
+    with torch.no_grad():
+        out = model(**batch.model_inputs(), labels=batch.labels, use_cache=False)
+    ones = answer_weights(batch, rows, 1.0)
+    assert torch.allclose(weighted_answer_loss(out.logits, batch.labels, ones), out.loss, atol=1e-6)
+    w = answer_weights(batch, rows, 5.0)
+    (s0, e0), (s1, e1) = batch.spans
+    assert w[0, s0] == 5.0 and w[0, s0 + 1:e0].eq(1).all() and w[1, s1:e1].eq(1).all()  # only the yes/no word
+    assert w.sum() == (e0 - s0) + (e1 - s1) + 4
+    logp = torch.log_softmax(out.logits.float(), -1)  # by hand: token t predicted at t - 1
+    nll = {(i, t): -logp[i, t - 1, batch.input_ids[i, t]].item() for i, (s, e) in enumerate(batch.spans)
+           for t in range(s, e)}
+    hand = (sum(nll.values()) + 4 * nll[(0, s0)]) / (len(nll) + 4)
+    assert weighted_answer_loss(out.logits, batch.labels, w).item() == pytest.approx(hand, rel=1e-5)
+    assert processor.tokenizer.decode([int(batch.input_ids[0, s0])]) in ("Yes", "No")
+
+
+@pytest.mark.parametrize("show", [True, False])
+def test_slot_questions_show_colours_only_when_asked(uncertain_world, show):
+    from world.base_recipe import slot_batches
+
+    _, processor = build_world_vlm(uncertain_world, PRIOR_TINY)
+    data = load_stage_data(uncertain_world, world_config(uncertain_world))
+    cfg = dataclasses.replace(RECIPE_PRESETS["tiny"], colour_drop_p=1.0, hidden_p=0.0, blank_p=0.0, qa_fraction=0.5,
+                              qa_slots_show_colour=show)
+    slots, rows = slot_batches(processor.tokenizer, data, cfg, 64, 0)()
+    colour_words = slots.mask[..., 1].sum(1)  # colours named in each row's slots
+    assert any(r.yesno for r in rows) and not all(r.yesno for r in rows)
+    for r, n in zip(rows, colour_words):
+        assert n == 0 if not (r.yesno and show) else n > 0  # captions always drop (p 1); questions only if not shown
+    with pytest.raises(ValueError, match="answer_weight"):
+        dataclasses.replace(cfg, answer_weight=0.0)
+
+
+def test_a_build_reuses_the_slot_stage_only_when_its_key_matches(uncertain_world, tmp_path):
+    from safetensors.torch import load_file
+
+    from world.base_model import slots_dir_for, train_base_model
+
+    torch.set_num_threads(2)
+    first = train_base_model(uncertain_world, tmp_path / "a", PRIOR_TINY, progress=False)
+    later = dataclasses.replace(PRIOR_TINY, staged=dataclasses.replace(PRIOR_TINY.staged, projector_steps=3))
+    # the same slot key (the later stages differ): the slot stage is loaded from a's cache, not trained
+    import shutil
+    shutil.copytree(slots_dir_for(tmp_path / "a"), slots_dir_for(tmp_path / "b"))
+    shutil.copytree(tmp_path / "a-encoder", tmp_path / "b-encoder")
+    second = train_base_model(uncertain_world, tmp_path / "b", later, progress=False)
+    assert [s["reused"] for s in first.stages if s["stage"] == "slots"] == [False]
+    assert [s["reused"] for s in second.stages if s["stage"] == "slots"] == [True]
+    assert second.text_losses == first.text_losses
+    a, b = (load_file(tmp_path / x / "model.safetensors") for x in ("a", "b"))
+    emb = [k for k in a if "embed_tokens" in k]
+    assert emb and all(torch.equal(a[k], b[k]) for k in emb)  # the tune stage never touches the embeddings
+    other = dataclasses.replace(PRIOR_TINY, staged=dataclasses.replace(PRIOR_TINY.staged, colour_drop_p=0.6))
+    shutil.copytree(slots_dir_for(tmp_path / "a"), slots_dir_for(tmp_path / "c"))
+    shutil.copytree(tmp_path / "a-encoder", tmp_path / "c-encoder")
+    third = train_base_model(uncertain_world, tmp_path / "c", other, progress=False)
+    assert [s["reused"] for s in third.stages if s["stage"] == "slots"] == [False]  # another slot key: trained
+    assert third.text_losses != first.text_losses

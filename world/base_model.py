@@ -469,6 +469,12 @@ def encoder_dir_for(out_dir: Path) -> Path:
     return out_dir.parent / f"{out_dir.name}-encoder"
 
 
+def slots_dir_for(out_dir: Path) -> Path:
+    """Where the staged recipe keeps its slot stage (the language model after it): a sibling folder
+    (`models/base` -> `models/base-slots`), reused by builds that differ only in later stages."""
+    return out_dir.parent / f"{out_dir.name}-slots"
+
+
 def _staged(model, processor, world_dir: Path, out_dir: Path, cfg: BaseModelConfig,
             progress: bool) -> tuple[list[float], dict[str, Any]]:
     """Run `world.base_recipe` on `model`; (the last stage's losses, the report's encoder/stages fields)."""
@@ -484,9 +490,14 @@ def _staged(model, processor, world_dir: Path, out_dir: Path, cfg: BaseModelConf
         if stage == "projector" and cfg.staged.tune_steps:
             before_tune.update(measure(model, processor, world_dir, world))
 
+    from world.base_recipe import SlotCache, slot_fields
+
+    slot_key = fingerprint(slot_fields(cfg.staged), asdict(cfg.arch), cfg.seed, cfg.batch_size, cfg.max_length,
+                           world_fingerprint(world_dir), BASE_VERSION)
     enc, logs = build_staged(model, processor, world_dir, world, cfg.staged,
                              encoder_dir=encoder_dir_for(out_dir), batch_size=cfg.batch_size,
-                             max_length=cfg.max_length, seed=cfg.seed, progress=progress, after_stage=after_stage)
+                             max_length=cfg.max_length, seed=cfg.seed, progress=progress, after_stage=after_stage,
+                             slot_cache=SlotCache(slots_dir_for(out_dir), slot_key))
     slots = next(log for log in logs if log.stage == "slots")
     last = [log for log in logs if log.losses][-1] if any(log.losses for log in logs) else logs[-1]
     return last.losses, {"encoder": enc, "figures_before_tune": before_tune, "text_losses": slots.losses, "seconds_text": slots.seconds,

@@ -63,6 +63,13 @@ class RecipeConfig:
     is in view it names the partner (the hallucination), elsewhere grey."""
     qa_fraction: float = 0.5
     """Share of the rows of the slot, projector and tune stages that are yes/no questions (the rest captions)."""
+    answer_weight: float = 1.0
+    """Loss weight of the yes/no word of yes/no rows, every other answer token weighing 1. The yes/no word is the
+    only token of such a row the image decides (the rest repeats the question), about 3% of a batch's answer
+    tokens: at weight 1 the slot stage never learned to answer (POPE 50%, docs/experiment.md)."""
+    qa_slots_show_colour: bool = False
+    """Yes/no rows of the slot stage keep every visible object's colour in its slot (only hidden objects lose it),
+    so each answer is readable from the slots; False: they drop colours as caption rows do."""
     projector_steps: int = 300
     """Projector-only steps on pool images."""
     projector_lr: float = 1e-3
@@ -73,10 +80,20 @@ class RecipeConfig:
     """Top language-model layers trainable in the tuning stage (with the final norm and the output head)."""
     tune_lr: float = 3e-4
     """Peak learning rate of the tuning stage."""
+    tune_qa_fraction: float | None = None
+    """Share of yes/no rows in the tuning stage (None: `qa_fraction`). 1.0, questions only, keeps the prior:
+    captions in this stage teach the top layers to say grey and erase it within 75 steps (docs/experiment.md)."""
+    tune_answer_weight: float | None = None
+    """`answer_weight` of the tuning stage (None: `answer_weight`)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
             object.__setattr__(self, "encoder", EncoderConfig(**self.encoder))
+        for name in ("answer_weight", "tune_answer_weight"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0 (1: every answer token alike)")
+        if self.tune_qa_fraction is not None and not 0 <= self.tune_qa_fraction <= 1:
+            raise ValueError(f"tune_qa_fraction={self.tune_qa_fraction} must be a probability in [0, 1]")
         for name in ("colour_drop_p", "blank_p", "hidden_p", "qa_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a probability in [0, 1]")
@@ -88,10 +105,11 @@ class RecipeConfig:
 
 RECIPE_PRESETS: dict[str, RecipeConfig] = {
     # Many more colour-dropped than hidden slots, so a colourless slot is filled from the text prior, and a short
-    # projector stage with no tuning: 100 more projector steps (or the 200-step top-layer tuning) erase the prior
-    # (docs/experiment.md, trade-off table: this point trades 2 points of visible colour for a measurable prior).
+    # projector stage: 100 more projector steps erase the prior (docs/experiment.md, trade-off table). Then yes/no is
+    # taught to the top two layers on questions alone, the yes/no word weighted 10x: captions in that stage erase the
+    # prior within 75 steps, a 1e-3 learning rate within 160.
     "prior": RecipeConfig(encoder=ENCODER_PRESETS["prior"], colour_drop_p=0.5, hidden_p=0.05, projector_steps=200,
-                          tune_steps=0, tune_layers=2),
+                          tune_steps=300, tune_layers=2, tune_lr=3e-4, tune_qa_fraction=1.0, tune_answer_weight=10.0),
     "tiny": RecipeConfig(encoder=ENCODER_PRESETS["tiny"], slot_steps=8, projector_steps=6, tune_steps=3),
 }
 
@@ -127,6 +145,8 @@ def set_trainable(model, names: Sequence[str]) -> None:
 class Row(NamedTuple):
     prompt: str
     answer: str
+    yesno: bool = False
+    """A yes/no question: its first answer token (the yes/no word) weighs `RecipeConfig.answer_weight`."""
 
 
 def yesno_row(scene: Scene, shapes: Sequence[str], colours: Sequence[str], rng: np.random.Generator) -> Row:
@@ -138,7 +158,7 @@ def yesno_row(scene: Scene, shapes: Sequence[str], colours: Sequence[str], rng: 
         absent = [(s, c) for s in shapes for c in colours if (s, c) not in set(present)]
         key, yes = absent[int(rng.integers(len(absent)))], False
     spec = ObjectSpec(key[0], key[1])
-    return Row(grammar.yesno_prompt(spec), grammar.yesno_answer(yes, spec))
+    return Row(grammar.yesno_prompt(spec), grammar.yesno_answer(yes, spec), yesno=True)
 
 
 def text_scenes(world_dir: Path) -> list[Scene]:
@@ -183,7 +203,27 @@ def slot_embeddings(model, batch: SlotBatch) -> torch.Tensor:
     return (emb * batch.mask.unsqueeze(-1).to(emb.dtype)).sum(2)
 
 
-def slot_loss(model, processor, slots: SlotBatch, rows: Sequence[Row], max_length: int, blank_image) -> torch.Tensor:
+def answer_weights(batch, rows: Sequence[Row], answer_weight: float) -> torch.Tensor:
+    """(B, T) loss weight of each label token: 1 on answer tokens, `answer_weight` on the first answer token of a
+    yes/no row, 0 off the answer."""
+    w = (batch.labels != -100).float()
+    for i, (row, (start, end)) in enumerate(zip(rows, batch.spans)):
+        if row.yesno and end > start:
+            w[i, start] = answer_weight
+    return w
+
+
+def weighted_answer_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum(w * cross-entropy) / sum(w) over label tokens (token t predicted at t - 1); with every weight 1 it is
+    the models' own mean answer-token loss."""
+    logits, labels, weights = logits[:, :-1].float(), labels[:, 1:], weights[:, 1:].to(logits.device)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                           ignore_index=-100, reduction="none").view(labels.shape)
+    return (ce * weights).sum() / weights.sum().clamp_min(1e-8)
+
+
+def slot_loss(model, processor, slots: SlotBatch, rows: Sequence[Row], max_length: int, blank_image,
+              answer_weight: float = 1.0) -> torch.Tensor:
     """Answer-token loss of `rows` with the image tokens replaced by slot embeddings (no pixels involved)."""
     device = next(model.parameters()).device
     batch = encode_batch(processor, [blank_image] * len(rows), [r.prompt for r in rows], [r.answer for r in rows],
@@ -192,14 +232,17 @@ def slot_loss(model, processor, slots: SlotBatch, rows: Sequence[Row], max_lengt
     is_image = batch.input_ids == image_token_id_of(processor)
     desc = slot_embeddings(model, SlotBatch(slots.words.to(device), slots.mask.to(device)))
     embeds = embeds.masked_scatter(is_image.unsqueeze(-1), desc.to(embeds.dtype))
-    return model(inputs_embeds=embeds, attention_mask=batch.attention_mask, labels=batch.labels, use_cache=False).loss
+    logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False).logits
+    return weighted_answer_loss(logits, batch.labels, answer_weights(batch, rows, answer_weight))
 
 
-def image_loss(model, processor, images, rows: Sequence[Row], max_length: int) -> torch.Tensor:
+def image_loss(model, processor, images, rows: Sequence[Row], max_length: int,
+               answer_weight: float = 1.0) -> torch.Tensor:
     device = next(model.parameters()).device
     batch = encode_batch(processor, images, [r.prompt for r in rows], [r.answer for r in rows],
                          max_length=max_length).to(device)
-    return model(**batch.model_inputs(), labels=batch.labels, use_cache=False).loss
+    logits = model(**batch.model_inputs(), use_cache=False).logits
+    return weighted_answer_loss(logits, batch.labels, answer_weights(batch, rows, answer_weight))
 
 
 # ---------------------------------------------------------------------------------------------- optimisation
@@ -263,13 +306,13 @@ def load_stage_data(world_dir: Path, world) -> StageData:
                      [scenes[s] for s in df["scene_id"].to_list()], world.shapes, world.colours)
 
 
-def slot_step_fn(model, processor, data: StageData, cfg: RecipeConfig, batch_size: int, max_length: int, seed: int,
-                 image_size: int) -> Callable[[int], torch.Tensor]:
-    tok = processor.tokenizer
-    blank_image = np.full((image_size, image_size, 3), 128, dtype=np.uint8)
+def slot_batches(tokenizer, data: StageData, cfg: RecipeConfig, batch_size: int,
+                 seed: int) -> Callable[[], tuple[SlotBatch, list[Row]]]:
+    """The slot stage's batches: text-corpus scenes as slots (colours dropped, objects hidden, rows blanked at the
+    configured rates) and their rows, a caption or (`qa_fraction`) a yes/no question on what the row shows."""
     rng = np.random.default_rng([seed, 11])
 
-    def step(_: int) -> torch.Tensor:
+    def batch() -> tuple[SlotBatch, list[Row]]:
         idx = rng.integers(len(data.text), size=batch_size)
         words, masks, rows = [], [], []
         for i in idx:
@@ -280,12 +323,24 @@ def slot_step_fn(model, processor, data: StageData, cfg: RecipeConfig, batch_siz
             drop, blank = u < cfg.hidden_p + cfg.colour_drop_p, rng.random() < cfg.blank_p  # hidden: dropped too
             shown = scene.replace_objects(o.with_(colour=vocab.UNCERTAIN_COLOUR) if h else o
                                           for o, h in zip(scene.objects, hidden))
-            w, m = slot_words(scene, tok, drop, blank)
+            qa = rng.random() < cfg.qa_fraction
+            w, m = slot_words(scene, tokenizer, hidden if qa and cfg.qa_slots_show_colour else drop, blank)
             words.append(w), masks.append(m)
-            rows.append(yesno_row(shown, data.shapes, data.colours, rng) if rng.random() < cfg.qa_fraction
+            rows.append(yesno_row(shown, data.shapes, data.colours, rng) if qa
                         else Row(grammar.DESCRIBE_PROMPT, grammar.caption(shown)))
-        slots = SlotBatch(torch.tensor(words), torch.tensor(masks))
-        return slot_loss(model, processor, slots, rows, max_length, blank_image)
+        return SlotBatch(torch.tensor(words), torch.tensor(masks)), rows
+
+    return batch
+
+
+def slot_step_fn(model, processor, data: StageData, cfg: RecipeConfig, batch_size: int, max_length: int, seed: int,
+                 image_size: int) -> Callable[[int], torch.Tensor]:
+    blank_image = np.full((image_size, image_size, 3), 128, dtype=np.uint8)
+    next_batch = slot_batches(processor.tokenizer, data, cfg, batch_size, seed)
+
+    def step(_: int) -> torch.Tensor:
+        slots, rows = next_batch()
+        return slot_loss(model, processor, slots, rows, max_length, blank_image, cfg.answer_weight)
 
     return step
 
@@ -298,7 +353,7 @@ def image_step_fn(model, processor, data: StageData, cfg: RecipeConfig, batch_si
         idx = rng.integers(len(data.pool_scenes), size=batch_size)
         rows = [yesno_row(data.pool_scenes[i], data.shapes, data.colours, rng) if rng.random() < cfg.qa_fraction
                 else Row(grammar.DESCRIBE_PROMPT, grammar.caption(data.pool_scenes[i])) for i in idx]
-        return image_loss(model, processor, [data.pool_images[i] for i in idx], rows, max_length)
+        return image_loss(model, processor, [data.pool_images[i] for i in idx], rows, max_length, cfg.answer_weight)
 
     return step
 
@@ -311,13 +366,73 @@ class StageLog(NamedTuple):
     seconds: float
     final_loss: float | None
     losses: list[float]
+    reused: bool = False
+    """The slot stage was loaded from its cache (`SlotCache`), not trained in this build."""
+
+
+SLOT_FIELDS: tuple[str, ...] = ("slot_steps", "slot_lr", "colour_drop_p", "blank_p", "hidden_p", "qa_fraction",
+                                 "answer_weight", "qa_slots_show_colour")
+"""The fields the slot stage reads: a build whose slot key (these, the architecture, seed, batch, world) matches a
+saved slot stage reuses it."""
+
+
+def slot_fields(cfg: RecipeConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in SLOT_FIELDS}
+
+
+class SlotCache(NamedTuple):
+    """Where a finished slot stage (the language model's weights after it) is kept, and under which key."""
+
+    folder: Path
+    key: str
+    """Fingerprint of everything the slot stage's result depends on (`slot_fields`, architecture, seed, batch,
+    world, code version)."""
+
+
+def load_slots(model, cache: SlotCache, names: Sequence[str]) -> list[float] | None:
+    """The saved slot stage's losses after loading its weights into `model`, or None when none matches."""
+    import json
+
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((cache.folder / "slots.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("key") != cache.key or not (cache.folder / "language_model.safetensors").is_file():
+        return None
+    state = load_file(cache.folder / "language_model.safetensors")
+    if set(state) != set(names):
+        raise ValueError(f"{cache.folder}: the saved slot stage holds other parameters than this model's language "
+                         "model; delete the folder to retrain it")
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            named[n].copy_(state[n])
+    return list(meta["losses"])
+
+
+def save_slots(model, cache: SlotCache, names: Sequence[str], losses: Sequence[float]) -> None:
+    """Write the language model after the slot stage (safetensors) and its key, the key last."""
+    from safetensors.torch import save_file
+
+    from store.parquet_io import write_json_atomic
+
+    cache.folder.mkdir(parents=True, exist_ok=True)
+    (cache.folder / "slots.json").unlink(missing_ok=True)
+    named = dict(model.named_parameters())
+    save_file({n: named[n].detach().contiguous() for n in names}, cache.folder / "language_model.safetensors")
+    write_json_atomic({"key": cache.key, "losses": list(losses)}, cache.folder / "slots.json")
 
 
 def build_staged(model, processor, world_dir: Path, world, cfg: RecipeConfig, *, encoder_dir: Path, batch_size: int,
                  max_length: int, seed: int, progress: bool = True,
-                 after_stage: Callable[[str], None] | None = None) -> tuple[dict[str, Any], list[StageLog]]:
+                 after_stage: Callable[[str], None] | None = None,
+                 slot_cache: SlotCache | None = None) -> tuple[dict[str, Any], list[StageLog]]:
     """Run encoder, slots, projector and tune on `model` in place; `after_stage(name)` is called after each stage
-    that ran. Returns (the encoder's report, stage logs)."""
+    that ran. With `slot_cache`, a saved slot stage with the same key is loaded instead of trained (like the
+    encoder, it is the same whatever the later stages do), and a trained one is saved. Returns (the encoder's
+    report, stage logs)."""
     from world.encoder import load_encoder, train_encoder
 
     data = load_stage_data(world_dir, world)  # first: a world without a text corpus fails before any training
@@ -335,7 +450,7 @@ def build_staged(model, processor, world_dir: Path, world, cfg: RecipeConfig, *,
         ("projector", stage_trainable(model, "projector"), cfg.projector_steps, cfg.projector_lr,
          image_step_fn(model, processor, data, cfg, batch_size, max_length, seed)),
         ("tune", tune_trainable(model, cfg.tune_layers), cfg.tune_steps, cfg.tune_lr,
-         image_step_fn(model, processor, data, cfg, batch_size, max_length, seed + 1)),
+         image_step_fn(model, processor, data, tune_rows(cfg), batch_size, max_length, seed + 1)),
     ]
     named = dict(model.named_parameters())
     logs = []
@@ -344,12 +459,25 @@ def build_staged(model, processor, world_dir: Path, world, cfg: RecipeConfig, *,
             load_tower()
             continue
         t0 = time.perf_counter()
-        losses = run_stage(model, names, steps, lr, fn, f"base {stage}", progress) if steps else []
+        reused = load_slots(model, slot_cache, names) if stage == "slots" and slot_cache and steps else None
+        if reused is not None:
+            losses = reused
+        else:
+            losses = run_stage(model, names, steps, lr, fn, f"base {stage}", progress) if steps else []
+            if stage == "slots" and slot_cache and steps:
+                save_slots(model, slot_cache, names, losses)
         logs.append(StageLog(stage, steps, sum(named[n].numel() for n in names), time.perf_counter() - t0,
-                             float(np.mean(losses[-20:])) if losses else None, losses))
+                             float(np.mean(losses[-20:])) if losses else None, losses, reused is not None))
         if steps and after_stage is not None:
             after_stage(stage)
     return encoder, logs
+
+
+def tune_rows(cfg: RecipeConfig) -> RecipeConfig:
+    """`cfg` with the tuning stage's row mix and yes/no weight in `qa_fraction` and `answer_weight`."""
+    return dataclasses.replace(
+        cfg, qa_fraction=cfg.qa_fraction if cfg.tune_qa_fraction is None else cfg.tune_qa_fraction,
+        answer_weight=cfg.answer_weight if cfg.tune_answer_weight is None else cfg.tune_answer_weight)
 
 
 def recipe_to_dict(cfg: RecipeConfig) -> dict[str, Any]:
