@@ -233,8 +233,13 @@ def materialise(selection: dg.AssetSelection | str | Sequence[str] = "*", instan
             result = job.execute_in_process(run_config=run_config, instance=instance, tags=tags,
                                             asset_selection=list(run.assets), raise_on_error=False)
         else:
-            result = dg.execute_job(_reconstructable(job.name), instance, run_config=run_config, tags=tags,
-                                    asset_selection=list(run.assets))
+            # The run's assets as an op selection, not an asset selection: executors that rebuild the job in
+            # their workers (dagster-dask) subset it by the run's op selection only; with an asset selection they
+            # would plan every upstream step and read inputs of another partitioning (sae by space, candidates
+            # by shard) through the wrong partition range.
+            ops = [job.asset_layer.get_op_output_handle(key).node_handle.name for key in run.assets]
+            result = dg.execute_job(_reconstructable(job.name).get_subset(op_selection=ops), instance,
+                                    run_config=run_config, tags=tags)
         if result.success:
             failed = [e.check_name for e in result.get_asset_check_evaluations() if not e.passed]
             if failed:

@@ -55,7 +55,7 @@ def test_the_chain_on_a_two_worker_dask_cluster_equals_the_in_process_run(refere
         runs = instance.get_runs()
         assert len(runs) == 11 and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
         starts = [e for r in runs for e in instance.all_logs(r.run_id, of_type=dg.DagsterEventType.STEP_START)]
-    assert len(starts) == 2 + 2 * 5 + 1 + 2 + 1 + 2 + 1  # 12 assets, the per-shard ones once per shard
+    assert len(starts) == 2 + 2 * 5 + 1 + 2 + 1 + 1 + 2 + 1  # 13 assets, the per-shard ones once per shard
     assert {e.dagster_event.pid for e in starts} == workers
 
     assert_same_tables(tables(root, FOLDERS), tables(reference, FOLDERS))
