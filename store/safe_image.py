@@ -169,6 +169,17 @@ def _sha256_or_none(path: Path, max_bytes: int) -> str | None:
         return None
 
 
+def _as_recorded_and_now(row: dict) -> tuple[Path, str | None, FileStamp | None, FileStamp | None]:
+    """(path, where it resolves now, its stamp now, its stamp at ingest) of one ledger row."""
+    path = Path(row["path"])
+    try:
+        target = str(path.resolve())
+    except (OSError, RuntimeError):
+        target = None
+    was = None if row["size"] is None else FileStamp(row["size"], row["mtime_ns"], row["ctime_ns"], row["inode"])
+    return path, target, stamp(path), was
+
+
 def ledger_changes(ledger: pl.DataFrame, *, max_bytes: int, limit: int = 5) -> list[str]:
     """Why the images recorded in `ledger` no longer match it (empty: unchanged), at most `limit` reasons.
 
@@ -177,13 +188,7 @@ def ledger_changes(ledger: pl.DataFrame, *, max_bytes: int, limit: int = 5) -> l
     image that did not exist must still not exist."""
     changes: list[str] = []
     for row in ledger.iter_rows(named=True):
-        path = Path(row["path"])
-        try:
-            target = str(path.resolve())
-        except (OSError, RuntimeError):
-            target = None
-        now = stamp(path)
-        was = None if row["size"] is None else FileStamp(row["size"], row["mtime_ns"], row["ctime_ns"], row["inode"])
+        path, target, now, was = _as_recorded_and_now(row)
         if target != row["target"] and row["target"] is not None:
             changes.append(f"{path} now resolves to {target} (was {row['target']})")
         elif (now is None) != (was is None):
@@ -206,13 +211,7 @@ def ledger_fingerprint(ledger: pl.DataFrame, *, max_bytes: int) -> str:
 
     parts = []
     for row in ledger.iter_rows(named=True):
-        path = Path(row["path"])
-        try:
-            target = str(path.resolve())
-        except (OSError, RuntimeError):
-            target = None
-        now = stamp(path)
-        was = None if row["size"] is None else FileStamp(row["size"], row["mtime_ns"], row["ctime_ns"], row["inode"])
+        path, target, now, was = _as_recorded_and_now(row)
         if now is None:
             sha = None
         elif now == was and target == row["target"]:
