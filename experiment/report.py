@@ -31,16 +31,18 @@ from store.parquet_io import write_bytes_atomic
 
 DEFAULT_METRICS: tuple[str, ...] = (
     "chair_i_object", "chair_s_object", "chair_i_colour", "chair_i_shape", "recall_object", "recall_colour",
-    "mentions_per_caption", "well_formed", "prior_chair_i", "prior_rate", "prior_lift", "pope_adversarial_accuracy",
+    "mentions_per_caption", "well_formed", "prior_chair_i", "prior_rate", "prior_lift", "prior_probe_rate",
+    "prior_probe_control", "prior_probe_lift", "probe_grey_said", "pope_random_accuracy", "pope_adversarial_accuracy",
     "pope_adversarial_f1", "pope_adversarial_yes_ratio")
 """The metrics of the report's tables, in column order (those no record has are left out)."""
 PLOT_METRICS: tuple[str, ...] = (
-    "chair_i_object", "chair_i_colour", "prior_rate", "prior_lift", "recall_object", "well_formed",
-    "mentions_per_caption", "pope_adversarial_accuracy")
+    "chair_i_object", "chair_i_colour", "prior_probe_rate", "prior_probe_lift", "recall_object", "well_formed",
+    "mentions_per_caption", "pope_random_accuracy")
 """The panels of `main_metrics.png` (those no record has are left out)."""
-ABLATION_PLOT_METRICS: tuple[str, ...] = ("chair_i_object", "chair_i_colour", "prior_rate")
-CONSOLE_METRICS: tuple[str, ...] = ("chair_i_object", "chair_i_colour", "prior_rate", "recall_object", "well_formed")
-PLAIN_METRICS = frozenset({"mentions_per_caption", "prior_lift"})
+ABLATION_PLOT_METRICS: tuple[str, ...] = ("chair_i_object", "chair_i_colour", "prior_probe_rate")
+CONSOLE_METRICS: tuple[str, ...] = ("chair_i_object", "chair_i_colour", "prior_probe_rate", "recall_object",
+                                    "well_formed", "pope_random_accuracy")
+PLAIN_METRICS = frozenset({"mentions_per_caption", "prior_lift", "prior_probe_lift"})
 """Metrics that are counts, not fractions: shown as plain numbers, never as percent."""
 REQUIRED_KEYS: tuple[str, ...] = ("condition", "group", "seed", "eval")
 MAIN_GROUP = "main"
@@ -220,8 +222,10 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
 def direction(metric: str) -> str:
     """`↓` when lower is better (hallucination, prior-driven, empty captions), `↑` when higher is better (recall,
     well-formedness, POPE accuracy/F1/precision), '' for descriptive metrics (length, yes-ratio)."""
-    if metric == "prior_lift":  # 1 = errors ignore the prior; lower is better down to 1, not below
+    if metric in ("prior_lift", "prior_probe_lift"):  # 1 = errors ignore the prior; lower is better down to 1
         return "↓"
+    if metric == "probe_grey_said":  # the hidden object named as the pixels show it
+        return "↑"
     if metric.startswith(("chair", "prior")) or metric == "empty":
         return "↓"
     if metric.startswith("recall") or metric == "well_formed":

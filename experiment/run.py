@@ -36,8 +36,9 @@ from store.paths import data_root
 
 RECORD_VERSION = 1
 """Bump when a change to the runner makes the same condition train differently."""
-EVAL_VERSION = 2
-"""Bump when the evaluation's metrics change (2: prior lift): results are re-evaluated, not retrained."""
+EVAL_VERSION = 3
+"""Bump when the evaluation's metrics change (2: prior lift, 3: the prior probe): results are re-evaluated, not
+retrained."""
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,33 @@ def flatten_eval(result: dict[str, Any]) -> dict[str, float | None]:
     return out
 
 
+def flatten_probe(probe: dict[str, Any] | None) -> dict[str, float | None]:
+    """The report's metrics from a `world.prior_probe.measure_probe` result ({} for a world without pairs)."""
+    if not probe or not probe.get("pairs"):
+        return {}
+    return {"prior_probe_rate": probe["rate_with_trigger"], "prior_probe_control": probe["rate_without_trigger"],
+            "prior_probe_lift": probe["lift"], "probe_grey_said": probe["grey_with_trigger"]}
+
+
+def measure_world_probe(model_dir: Path, world_dir: Path, out: Path) -> dict[str, Any] | None:
+    """The prior probe (world.prior_probe) on every test scene of a world with colour co-occurrence pairs, written
+    to `out`; None for a world without pairs. It is where the prior shows without costing accuracy elsewhere: the
+    test split's own prior rate rests on few eligible captions (base_report.json)."""
+    from trainer.model_loading import load_model_or_adapter
+    from world.encoder import world_config
+    from world.generate import read_scenes
+    from world.prior_probe import measure_probe
+
+    world = world_config(world_dir)
+    if not world.cooccur_pairs:
+        return None
+    scenes = read_scenes(world_dir, "test")
+    model, processor, _ = load_model_or_adapter(model_dir)
+    probe = measure_probe(model, processor, [scenes[k] for k in sorted(scenes)], world)
+    write_json_atomic(probe, out)
+    return probe
+
+
 PATH_FIELDS = ("run_name", "model", "shards", "data_root", "output_dir")
 """TrainConfig fields that say where things are, not what is trained."""
 
@@ -261,8 +289,9 @@ def run_one(ctx: Context, cond: Condition, seed: int) -> dict[str, Any]:
                       "reference_rows": ref.get("rows_needed"), "wall_seconds": wall, "final": final}
     t1 = time.perf_counter()
     result = evaluate_model(model_dir, ctx.world_dir, out=run_dir / "eval.json", config=eval_cfg)
+    probe = measure_world_probe(model_dir, ctx.world_dir, run_dir / "prior_probe.json")
     record = {"condition": cond.name, "group": cond.group, "seed": seed, "train": train_info,
-              "eval": flatten_eval(result), "eval_seconds": time.perf_counter() - t1}
+              "eval": {**flatten_eval(result), **flatten_probe(probe)}, "eval_seconds": time.perf_counter() - t1}
     write_json_atomic({"train_fingerprint": train_fp, "eval_fingerprint": eval_fp, "record": record}, result_file)
     return record
 
@@ -342,13 +371,28 @@ def preamble(cfg: ExperimentConfig, base: dict[str, Any], ctx: Context, total: f
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def _seeds(text: str) -> tuple[int, ...]:
+    """`--seeds 5` -> (0, 1, 2, 3, 4); `--seeds 1,3` -> (1, 3)."""
+    try:
+        if "," in text:
+            return tuple(int(s) for s in text.split(",") if s.strip())
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: give a count (5) or a comma list (1,3)") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--seeds {n}: give at least 1")
+    return tuple(range(n))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiment", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--quick", action="store_true", help="the tiny prior world, 2 seeds, 3 steps (CI)")
     ap.add_argument("--ablations", action="store_true", help="the ablation grid instead of the main conditions")
     ap.add_argument("--all", action="store_true", help="main conditions and ablations")
-    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1)")
+    ap.add_argument("--seeds", type=_seeds, default=None,
+                    help="N: seeds 0..N-1; or a comma list (e.g. 1,3) to run some seeds in another process; "
+                         "results of every seed are reused by a later run with the full count")
     ap.add_argument("--steps", type=int, default=None, help="override the optimiser steps per run")
     ap.add_argument("--out", default=None, help="report path (default reports/experiment.md or "
                                                  "reports/ablations.md; --quick: <data root>/experiment/quick.md)")
@@ -357,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else ExperimentConfig()
     if args.seeds is not None:
-        cfg = dataclasses.replace(cfg, seeds=tuple(range(args.seeds)))
+        cfg = dataclasses.replace(cfg, seeds=args.seeds)
     if args.steps is not None:
         cfg = dataclasses.replace(cfg, steps=args.steps)
     main_part = not args.ablations or args.all

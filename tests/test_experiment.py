@@ -12,7 +12,7 @@ import pytest
 
 from experiment.conditions import MAIN, ablations, train_overrides
 from experiment.report import load_records
-from experiment.run import QUICK, flatten_eval, plan, run_experiment
+from experiment.run import QUICK, flatten_eval, flatten_probe, plan, run_experiment
 from world.base_model import BASE_PRESETS, train_base_model
 from world import PRESETS, generate_world, preset
 from world.generate import read_scenes
@@ -101,6 +101,13 @@ def test_flatten_eval_reads_the_eval_result():
     assert flat["pope_adversarial_f1"] is None and flat["well_formed"] == 1.0
 
 
+def test_flatten_probe_reads_the_prior_probe():
+    assert flatten_probe(None) == {} and flatten_probe({"pairs": 0}) == {}
+    probe = {"pairs": 4, "rate_with_trigger": 0.5, "rate_without_trigger": 0.0, "lift": 2.0, "grey_with_trigger": 0.25}
+    assert flatten_probe(probe) == {"prior_probe_rate": 0.5, "prior_probe_control": 0.0, "prior_probe_lift": 2.0,
+                                    "probe_grey_said": 0.25}
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     root = tmp_path_factory.mktemp("experiment")
@@ -119,6 +126,10 @@ def test_quick_experiment_reports_every_condition_and_seed(quick):
     md = out.read_text()
     for cond in conds:
         assert f"| {cond.name} |" in md
+    # the prior world has co-occurrence pairs: every record carries the prior probe, measured on the test split
+    for r in records:
+        assert 0.0 <= r["eval"]["prior_probe_rate"] <= 1.0 and r["eval"]["prior_probe_lift"] is not None, r
+    assert "prior probe rate" in md
     for png in ("main_metrics.png", "cost.png", "ablation_K.png"):
         assert (out.parent / "quick" / png).stat().st_size > 1000
 
@@ -193,3 +204,14 @@ def test_a_stale_evaluation_is_redone_without_retraining(quick, monkeypatch):
     assert [r["eval"] for r in again] == [r["eval"] for r in records]  # same models, same greedy answers
     stored = json.loads(next(final.glob("*/result.json")).read_text())
     assert stored["eval_fingerprint"] != "" and "train_fingerprint" in stored
+
+
+def test_seeds_option_takes_a_count_or_a_list():
+    import argparse
+
+    from experiment.run import _seeds
+
+    assert _seeds("3") == (0, 1, 2) and _seeds("1,3") == (1, 3) and _seeds("4,") == (4,)
+    for bad in ("x", "0", "1,a"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--seeds"):
+            _seeds(bad)
