@@ -84,10 +84,10 @@ eval: $(STAMP)  ## Hallucination benchmarks (POPE-style, CHAIR) of MODEL (defaul
 	@test -f $(MODEL)/config.json || (echo "no model in $(MODEL): run 'make base' or give MODEL=<folder>" && exit 1)
 	$(PY) -m eval --model $(MODEL) --world $(WORLD_DIR) $(EVAL_ARGS)
 
-experiment: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## Base, SFT control and every preset x 3 seeds -> reports/experiment.md (EXPERIMENT_ARGS="--quick")
+experiment: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## Base, SFT control and every preset x 5 seeds -> reports/experiment.md (EXPERIMENT_ARGS="--quick")
 	$(PY) -m experiment $(EXPERIMENT_ARGS)
 
-ablations: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## K, selection rule, SAE space, beta, IS K' vs full pool -> reports/ablations.md
+ablations: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## K, selection rule, SAE space, beta, IS K' vs full pool x 3 seeds -> reports/ablations.md
 	$(PY) -m experiment --ablations $(EXPERIMENT_ARGS)
 
 bench: $(STAMP)  ## Run the benchmarks serially (tables printed, JSON under reports/bench/)

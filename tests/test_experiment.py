@@ -12,7 +12,7 @@ import pytest
 
 from experiment.conditions import MAIN, ablations, train_overrides
 from experiment.report import load_records
-from experiment.run import QUICK, flatten_eval, flatten_probe, plan, run_experiment
+from experiment.run import QUICK, ExperimentConfig, flatten_eval, flatten_probe, plan, run_experiment, seeds_of
 from world.base_model import BASE_PRESETS, train_base_model
 from world import PRESETS, generate_world, preset
 from world.generate import read_scenes
@@ -215,3 +215,13 @@ def test_seeds_option_takes_a_count_or_a_list():
     for bad in ("x", "0", "1,a"):
         with pytest.raises(argparse.ArgumentTypeError, match="--seeds"):
             _seeds(bad)
+
+
+def test_main_conditions_run_five_seeds_and_ablations_three():
+    cfg = ExperimentConfig()
+    assert cfg.seeds == (0, 1, 2, 3, 4)
+    by = {(c.group, c.name): seeds_of(cfg, c) for c in plan(True, True, cfg)}
+    assert by[("main", "base")] == (0,) and by[("main", "misp")] == (0, 1, 2, 3, 4)
+    assert by[("K", "K=5")] == (0, 1, 2) and by[("rule", "random")] == (0, 1, 2)
+    with pytest.raises(ValueError, match="ablation_seeds"):
+        ExperimentConfig(ablation_seeds=0)
