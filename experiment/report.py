@@ -31,9 +31,9 @@ from store.parquet_io import write_bytes_atomic
 
 DEFAULT_METRICS: tuple[str, ...] = (
     "chair_i_object", "chair_s_object", "chair_i_colour", "chair_i_shape", "recall_object", "recall_colour",
-    "mentions_per_caption", "well_formed", "prior_chair_i", "prior_rate", "prior_lift", "prior_probe_rate",
-    "prior_probe_control", "prior_probe_lift", "probe_grey_said", "pope_random_accuracy", "pope_adversarial_accuracy",
-    "pope_adversarial_f1", "pope_adversarial_yes_ratio")
+    "mentions_per_caption", "well_formed", "prior_chair_i", "prior_rate", "prior_rate_visible", "prior_rate_uncertain",
+    "prior_lift", "prior_probe_rate", "prior_probe_control", "prior_probe_lift", "probe_grey_said",
+    "pope_random_accuracy", "pope_adversarial_accuracy", "pope_adversarial_f1", "pope_adversarial_yes_ratio")
 """The metrics of the report's tables, in column order (those no record has are left out)."""
 PLOT_METRICS: tuple[str, ...] = (
     "chair_i_object", "chair_i_colour", "prior_probe_rate", "prior_probe_lift", "recall_object", "well_formed",

@@ -205,6 +205,9 @@ def flatten_eval(result: dict[str, Any]) -> dict[str, float | None]:
     if prior.get("pairs"):
         out.update(prior_chair_i=prior["chair_i"], prior_rate=prior["rate"], prior_share=prior["share"],
                    prior_lift=prior.get("lift"))
+        for part in ("visible", "uncertain"):  # a coloured partner renamed vs a grey object named the partner
+            if (prior.get(part) or {}).get("eligible_captions"):
+                out[f"prior_rate_{part}"] = prior[part]["rate"]
     for setting, m in (result.get("pope") or {}).items():
         for k in ("accuracy", "f1", "yes_ratio", "precision", "recall"):
             out[f"pope_{setting}_{k}"] = m.get(k)

@@ -94,11 +94,14 @@ def test_flatten_eval_reads_the_eval_result():
     result = {"chair": {"levels": {"object": {"chair_i": 0.5, "chair_s": 0.6, "recall": 0.7, "mentions_per_caption": 2.0,
                                               "well_formed": 1.0, "empty": 0.0},
                                    "shape": {"chair_i": 0.2, "chair_s": 0.3, "recall": 0.9}},
-                        "prior": {"pairs": [["circle", "square"]], "chair_i": 0.1, "rate": 0.25, "share": 0.5}},
+                        "prior": {"pairs": [["circle", "square"]], "chair_i": 0.1, "rate": 0.25, "share": 0.5,
+                                  "visible": {"eligible_captions": 8, "rate": 0.125},
+                                  "uncertain": {"eligible_captions": 0, "rate": None}}},
               "pope": {"adversarial": {"accuracy": 0.55, "f1": None, "yes_ratio": 0.3}}}
     flat = flatten_eval(result)
     assert flat["chair_i_object"] == 0.5 and flat["recall_shape"] == 0.9 and flat["prior_rate"] == 0.25
     assert flat["pope_adversarial_f1"] is None and flat["well_formed"] == 1.0
+    assert flat["prior_rate_visible"] == 0.125 and "prior_rate_uncertain" not in flat  # no eligible caption
 
 
 def test_flatten_probe_reads_the_prior_probe():
