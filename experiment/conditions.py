@@ -70,20 +70,40 @@ MAIN: tuple[Condition, ...] = (
 CONTROL = "sft"
 BASELINE = "base"
 
+PAPER_GROUP = "no_sft"
+PAPER_CONTROL = "dpo"
+PAPER_FORM: tuple[Condition, ...] = tuple(
+    c.with_group(PAPER_GROUP) if c.preset is None else
+    Condition(c.name, c.preset, {**c.loss, "sft_weight": 0.0}, c.shards, PAPER_GROUP)
+    for c in MAIN if c.preset != "sft")
+"""The preference arms as their papers run them: no SFT term (SPEC §4: MISP-DPO's SFT term is off by default),
+compared with single-negative `dpo` (the paper's claims are multi-negative over single-negative, mined over
+random). Measured on the `prior` base: 200 steps of the shared SFT term alone take the prior probe from 28% to
+about 1%, so with it every arm sits at that floor and the preference terms have nothing left to show."""
+GROUP_CONTROLS: dict[str, str] = {PAPER_GROUP: PAPER_CONTROL}
+"""The condition each group's differences are taken against, where it is not `CONTROL`."""
+GROUP_TITLES: dict[str, str] = {PAPER_GROUP: "Paper form: preference terms only (no SFT term), against `dpo`"}
+
 
 def ablations(pool_size: int) -> tuple[Condition, ...]:
-    """The ablation grid of issue 7 around `misp` (K = 3, greedy, fused SAE space, beta 0.5, no IS).
+    """The ablation grid of issue 7 around `misp` (K = 3, greedy, fused SAE space, beta 0.5, no IS), in the paper
+    form (no SFT term, `PAPER_FORM`): with the SFT term every variant sits at the floor it reaches alone.
     `pool_size`: candidates per example in the shards, the "full pool" the IS arms are compared with."""
-    misp = next(c for c in MAIN if c.name == "misp")
-    out = [Condition(f"K={k}", "misp", {"num_negatives": k}, group="K") for k in (1, 2, 3, 5, 8)]
+    misp = next(c for c in PAPER_FORM if c.name == "misp")
+    no_sft = {"sft_weight": 0.0}
+    # the arm equal to `misp` itself (K = 3, beta 0.5) is `misp`'s run under another label, not a second run
+    out = [misp.with_group("K", "K=3") if k == 3 else Condition(f"K={k}", "misp", {**no_sft, "num_negatives": k},
+                                                                    group="K") for k in (1, 2, 3, 5, 8)]
     out += [misp.with_group("rule", "greedy (SAE + diversity)"),
-            Condition("similarity (top-K CLIP)", "misp", {"shard_rule": "similarity"}, "similarity", "rule"),
-            next(c for c in MAIN if c.name == "random_multi").with_group("rule", "random")]
+            Condition("similarity (top-K CLIP)", "misp", {**no_sft, "shard_rule": "similarity"}, "similarity", "rule"),
+            next(c for c in PAPER_FORM if c.name == "random_multi").with_group("rule", "random")]
     out += [misp.with_group("sae_space", "fused"),
-            Condition("image", "misp", {}, "greedy_image", "sae_space")]
-    out += [Condition(f"beta={b}", "misp", {"beta": b}, group="beta") for b in (0.1, 0.5, 1.0)]
-    out += [Condition(f"IS K'={k}", "misp", {"is_mode": "fixed", "k_prime": k}, group="is") for k in (2, 4, 8)]
-    out += [Condition(f"full pool ({pool_size})", "misp", {"num_negatives": pool_size}, group="is")]
+            Condition("image", "misp", dict(no_sft), "greedy_image", "sae_space")]
+    out += [misp.with_group("beta", "beta=0.5") if b == 0.5 else Condition(f"beta={b}", "misp", {**no_sft, "beta": b},
+                                                                            group="beta") for b in (0.1, 0.5, 1.0)]
+    out += [Condition(f"IS K'={k}", "misp", {**no_sft, "is_mode": "fixed", "k_prime": k}, group="is")
+            for k in (2, 4, 8)]
+    out += [Condition(f"full pool ({pool_size})", "misp", {**no_sft, "num_negatives": pool_size}, group="is")]
     return tuple(out)
 
 

@@ -278,19 +278,62 @@ def standard_error(a: Stat, b: Stat) -> float | None:
     return math.sqrt(a.std ** 2 / a.n + b.std ** 2 / b.n)
 
 
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile (p in (0.5, 1)) of Student's t with `df` degrees of freedom: bisection on its CDF, the
+    CDF by Simpson's rule on the density (exact to ~1e-6 here; no scipy in the environment)."""
+    if not 0.5 < p < 1 or df <= 0:
+        raise ValueError(f"t_quantile(p={p}, df={df}): give 0.5 < p < 1 and df > 0")
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float, n: int = 2000) -> float:  # 0.5 + integral of the density over [0, x]
+        h = x / n
+        f = [math.exp(log_c - (df + 1) / 2 * math.log1p((i * h) ** 2 / df)) for i in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def diff_interval(stat: Stat, ref: Stat, level: float = 0.95) -> tuple[float, float] | None:
+    """Welch's `level` interval for mean(stat) - mean(ref) over seeds (None with fewer than two seeds on either
+    side). Conditions share each seed's batches, so this unpaired interval is conservative."""
+    se = standard_error(stat, ref)
+    if se is None:
+        return None
+    diff = stat.mean - ref.mean
+    if se == 0:
+        return diff, diff
+    # Welch-Satterthwaite degrees of freedom
+    va, vb = stat.std ** 2 / stat.n, ref.std ** 2 / ref.n
+    df = (va + vb) ** 2 / (va ** 2 / (stat.n - 1) + vb ** 2 / (ref.n - 1))
+    half = t_quantile(0.5 + level / 2, df) * se
+    return diff - half, diff + half
+
+
 def format_diff(stat: Stat, ref: Stat, plain: bool = False) -> str:
-    """Mean difference vs the reference in points (plain units for counts), `*` when |diff| > 2 SE."""
+    """Mean difference vs the reference in points (plain units for counts) with its 95% interval over seeds
+    (Welch), `*` when the interval excludes 0."""
     if stat.n == 0 or ref.n == 0:
         return DASH
     diff = stat.mean - ref.mean
-    scaled = diff if plain else 100 * diff
-    digits = 2 if plain else 1
-    if round(scaled, digits) == 0:
-        scaled = 0.0  # no "-0.0"
-    text = f"{scaled:+.{digits}f}"
-    se = standard_error(stat, ref)
-    # se == 0 (every seed identical on both sides) would flag any difference: no claim without spread.
-    return text + "*" if se and abs(diff) > 2 * se else text
+    scale, digits = (1, 2) if plain else (100, 1)
+
+    def num(x: float) -> str:
+        x = x * scale
+        return f"{0.0 if round(x, digits) == 0 else x:+.{digits}f}"  # no "-0.0"
+
+    text = num(diff)
+    ci = diff_interval(stat, ref)
+    if ci is None:
+        return text
+    # an interval of width 0 (every seed identical on both sides) makes no claim: no spread, no test
+    flag = "*" if ci[1] > ci[0] and (ci[0] > 0 or ci[1] < 0) else ""
+    return f"{text}{flag} [{num(ci[0])}, {num(ci[1])}]"
 
 
 def _ratio(x: Stat, ref: Stat) -> str:
@@ -343,9 +386,10 @@ def diff_table(summaries: Sequence[Summary], control: Summary, metrics: Sequence
 
 
 def _diff_note(control: str) -> str:
-    return (f"Mean minus `{control}`'s mean, in percentage points (plain units for counts); `*` marks a difference "
-            f"larger than twice its standard error sqrt(s₁²/n₁ + s₂²/n₂), roughly a 95% two-sided test over seeds "
-            f"(no `*` is possible with a single seed).")
+    return (f"Mean minus `{control}`'s mean, in percentage points (plain units for counts), and its 95% interval "
+            f"over seeds [low, high] (Welch: standard error sqrt(s₁²/n₁ + s₂²/n₂), t quantile at the "
+            f"Welch-Satterthwaite degrees of freedom); `*` marks an interval that excludes 0. Conditions share each "
+            f"seed's batches, so the unpaired interval is conservative. No interval with a single seed.")
 
 
 def cost_table(summaries: Sequence[Summary], control: Summary | None) -> str:
@@ -519,12 +563,15 @@ def _main_section(summaries: Sequence[Summary], metrics: Sequence[str], plain: f
 
 
 def _ablation_section(group: str, summaries: Sequence[Summary], metrics: Sequence[str], plain: frozenset[str],
-                      control: str, baseline: str, plots_dir: Path, md_dir: Path, plots: list[Path]) -> list[str]:
-    parts = [f"## Ablation: `{group}`", ""]
+                      control: str, baseline: str, plots_dir: Path, md_dir: Path, plots: list[Path],
+                      title: str | None = None) -> list[str]:
+    parts = [f"## {title or f'Ablation: `{group}`'}", ""]
     parts += _comparison(summaries, metrics, plain, control, skip=(control, baseline))
     # The cost of each arm, against the full pool where the group has one (the IS arms exist to be cheaper than
-    # forwarding it), else against the group's first arm.
-    ref = next((s for s in summaries if s.condition.startswith("full pool")), summaries[0])
+    # forwarding it), else against the group's control, else its first trained arm.
+    trained = [s for s in summaries if s.train_seconds.n] or list(summaries)
+    ref = next((s for s in summaries if s.condition.startswith("full pool")), None) or _find(summaries, control) \
+        or trained[0]
     parts += [f"Cost (ratios against `{ref.condition}`):", "", cost_table(summaries, ref), ""]
     panels = present(summaries, ABLATION_PLOT_METRICS)
     if panels:
@@ -536,7 +583,8 @@ def _ablation_section(group: str, summaries: Sequence[Summary], metrics: Sequenc
 
 def render_report(records: Sequence[Mapping[str, Any]], out_md: Path, plots_dir: Path, *, title: str,
                   preamble: str = "", control: str = "sft", baseline: str = "base",
-                  metrics: Sequence[str] = DEFAULT_METRICS) -> tuple[str, list[Path]]:
+                  metrics: Sequence[str] = DEFAULT_METRICS, group_controls: Mapping[str, str] | None = None,
+                  group_titles: Mapping[str, str] | None = None) -> tuple[str, list[Path]]:
     """The Markdown text, writing the plots as it goes (their links are relative to `out_md`'s folder)."""
     if not records:
         raise ValueError("no results to report: the record list is empty (did every run fail, or is "
@@ -558,21 +606,25 @@ def render_report(records: Sequence[Mapping[str, Any]], out_md: Path, plots_dir:
         elif group == MAIN_GROUP:
             parts += _main_section(members, shown, plain, control, baseline, plots_dir, md_dir, plots)
         else:
-            parts += _ablation_section(group, members, shown, plain, control, baseline, plots_dir, md_dir, plots)
+            parts += _ablation_section(group, members, shown, plain, (group_controls or {}).get(group, control),
+                                       baseline, plots_dir, md_dir, plots, (group_titles or {}).get(group))
     return "\n".join(parts).rstrip("\n") + "\n", plots
 
 
 def write_report(records: Sequence[Mapping[str, Any]], out_md: Path, plots_dir: Path, *, title: str,
                  preamble: str = "", control: str = "sft", baseline: str = "base",
-                 metrics: Sequence[str] = DEFAULT_METRICS) -> dict[str, Any]:
+                 metrics: Sequence[str] = DEFAULT_METRICS, group_controls: Mapping[str, str] | None = None,
+                 group_titles: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Write the Markdown report (atomically) and its PNG plots; returns {"markdown", "plots", "table"}.
 
     Sections: the `main` group (metrics table, difference vs `control` with a 2-SE flag, cost table, plots),
     then one per other group (its table, a difference table when it has a condition named `control`, a plot).
     `baseline` (the untrained model) is left out of the difference tables: it is a reference, not a contender.
+    `group_controls` / `group_titles`: a group's own control and section title, where not `control` / "Ablation".
     """
     markdown, plots = render_report(records, out_md, plots_dir, title=title, preamble=preamble, control=control,
-                                    baseline=baseline, metrics=metrics)
+                                    baseline=baseline, metrics=metrics, group_controls=group_controls,
+                                    group_titles=group_titles)
     write_bytes_atomic(markdown.encode("utf-8"), Path(out_md))
     return {"markdown": markdown, "plots": plots, "table": aggregate(records)}
 

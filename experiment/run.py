@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from experiment.conditions import BASELINE, CONTROL, MAIN, Condition, ablations, train_overrides
+from experiment.conditions import (BASELINE, CONTROL, GROUP_CONTROLS, GROUP_TITLES, MAIN, PAPER_FORM, PAPER_GROUP,
+                                   Condition, ablations, train_overrides)
 from experiment.report import format_console, write_report
 from store.fingerprint import fingerprint, sha256_file
 from store.parquet_io import write_bytes_atomic, write_json_atomic
@@ -304,18 +305,18 @@ def run_one(ctx: Context, cond: Condition, seed: int) -> dict[str, Any]:
 
 
 def plan(with_main: bool, with_ablations: bool, cfg: ExperimentConfig) -> list[Condition]:
-    conds = list(MAIN) if with_main else []
+    conds = list(MAIN) + list(PAPER_FORM) if with_main else []
     if with_ablations:
         conds += list(ablations(cfg.candidates))
     return conds
 
 
 def seeds_of(cfg: ExperimentConfig, cond: Condition) -> tuple[int, ...]:
-    """The seeds a condition runs: the base model one (it is not trained), a main condition every seed, an
-    ablation the first `ablation_seeds`."""
+    """The seeds a condition runs: the base model one (it is not trained), a main or paper-form condition every
+    seed, an ablation the first `ablation_seeds`."""
     if cond.preset is None:
         return cfg.seeds[:1]
-    return cfg.seeds if cond.group == "main" else cfg.seeds[:cfg.ablation_seeds]
+    return cfg.seeds if cond.group in ("main", PAPER_GROUP) else cfg.seeds[:cfg.ablation_seeds]
 
 
 def run_experiment(cfg: ExperimentConfig, conditions: Sequence[Condition], out_md: Path, *, title: str,
@@ -344,6 +345,7 @@ def run_experiment(cfg: ExperimentConfig, conditions: Sequence[Condition], out_m
     write_bytes_atomic("".join(json.dumps(r) + "\n" for r in records).encode(), results)
     total = time.perf_counter() - t_start
     write_report(records, out_md, out_md.parent / out_md.stem, title=title, control=CONTROL, baseline=BASELINE,
+                 group_controls=GROUP_CONTROLS, group_titles=GROUP_TITLES,
                  preamble=preamble(cfg, base, ctx, total, results, list(runs.values())))
     print("\n" + format_console(records))
     print(f"\nreport: {out_md}  (results: {results}; {total / 60:.1f} min)")

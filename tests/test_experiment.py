@@ -82,12 +82,30 @@ def test_language_pretraining_needs_a_text_corpus(tmp_path):
 
 
 def test_every_condition_carries_the_same_sft_term():
-    for cond in MAIN[1:] + ablations(16):
+    for cond in MAIN[1:]:
         over = train_overrides(cond, sft_weight=0.7)
         assert over["loss"].get("sft_weight", 1.0 if cond.preset == "sft" else None) == (
             1.0 if cond.preset == "sft" else 0.7), cond
     with pytest.raises(ValueError, match="untrained base"):
         train_overrides(MAIN[0], 1.0)
+
+
+def test_paper_form_and_ablations_run_without_the_sft_term():
+    from experiment.conditions import PAPER_FORM, PAPER_GROUP
+    from trainer.losses import LossConfig
+
+    assert [c.name for c in PAPER_FORM] == [c.name for c in MAIN if c.name != "sft"]
+    for cond in PAPER_FORM[1:] + ablations(16):
+        assert train_overrides(cond, sft_weight=0.7)["loss"]["sft_weight"] == 0.0, cond
+    by = {(c.group, c.name): c for c in PAPER_FORM + ablations(16)}
+    misp = by[(PAPER_GROUP, "misp")]
+    # arms equal to misp itself share its run (one training, three labels) ...
+    for key in (("K", "K=3"), ("beta", "beta=0.5"), ("rule", "greedy (SAE + diversity)"), ("sae_space", "fused")):
+        assert by[key].run_key() == misp.run_key(), key
+    # ... because misp's preset is K = 3 and beta = 0.5
+    resolved = LossConfig.from_preset("misp", **misp.loss)
+    assert (resolved.num_negatives, resolved.beta, resolved.sft_weight) == (3, 0.5, 0.0)
+    assert len({c.run_key() for c in ablations(16)} - {c.run_key() for c in PAPER_FORM}) == 12
 
 
 def test_flatten_eval_reads_the_eval_result():

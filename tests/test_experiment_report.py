@@ -93,21 +93,34 @@ def test_markdown_cells_and_diff(report):
     assert table_row(md, "sft")[:3] == ["sft", "3", "32.0 ± 2.0"]
     assert table_row(md, "misp")[2] == "23.0 ± 3.6"
     diff = table_row(md, "misp", after="### Difference vs `sft`")
-    assert diff[2] == "-9.0*"  # 9 points > 2 * sqrt(0.0004/3 + 0.0013/3) = 4.8 points
+    # SE = sqrt(0.0013/3 + 0.0004/3) = 2.38 points, Welch df = 3.12, t = 3.11: -9.0 +- 7.4 points
+    assert diff[2] == "-9.0* [-16.4, -1.6]"
     assert "| sft |" not in md[md.index("### Difference"):md.index("### Cost")]  # neither control
     assert "| base |" not in md[md.index("### Difference"):md.index("### Cost")]  # nor baseline
-    assert "twice its standard error" in md
+    assert "95% interval" in md
 
 
-def test_flag_just_above_and_just_below_two_se(tmp_path):
-    """Same spread as the control (std 0.02, n 3): 2 SE = 2 * sqrt(2 * 0.0004 / 3) = 3.266 points."""
-    records = (series("sft", [0.30, 0.32, 0.34]) + series("above", [0.333, 0.353, 0.373])
-               + series("below", [0.332, 0.352, 0.372]))
+def test_t_quantile_matches_the_t_table():
+    from experiment.report import t_quantile
+
+    # two-sided 95% critical values from any t table
+    for df, t in ((1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042), (1000, 1.962)):
+        assert t_quantile(0.975, df) == pytest.approx(t, abs=1e-3), df
+    assert t_quantile(0.95, 5) == pytest.approx(2.015, abs=1e-3)
+    with pytest.raises(ValueError, match="0.5 < p < 1"):
+        t_quantile(0.2, 3)
+
+
+def test_flag_just_inside_and_just_outside_the_interval(tmp_path):
+    """Same spread as the control (std 0.02, n 3): SE = sqrt(2 * 0.0004 / 3) = 1.633 points, Welch df = 4,
+    t = 2.776: the interval's half width is 4.533 points."""
+    records = (series("sft", [0.30, 0.32, 0.34]) + series("above", [0.346, 0.366, 0.386])
+               + series("below", [0.344, 0.364, 0.384]))
     md = write_report(records, tmp_path / "r.md", tmp_path / "plots", title="t")["markdown"]
-    assert table_row(md, "above", after="### Difference")[2] == "+3.3*"
-    assert table_row(md, "below", after="### Difference")[2] == "+3.2"
-    se = standard_error(Stat((0.333, 0.353, 0.373)), Stat((0.30, 0.32, 0.34)))
-    assert 2 * se == pytest.approx(0.032660, abs=1e-6)
+    assert table_row(md, "above", after="### Difference")[2] == "+4.6* [+0.1, +9.1]"
+    assert table_row(md, "below", after="### Difference")[2] == "+4.4 [-0.1, +8.9]"
+    se = standard_error(Stat((0.346, 0.366, 0.386)), Stat((0.30, 0.32, 0.34)))
+    assert se == pytest.approx(0.016330, abs=1e-6)
 
 
 def test_format_helpers():
@@ -115,9 +128,9 @@ def test_format_helpers():
     assert format_cell(Stat((2.0, 2.2)), 2, plain=True) == "2.10 ± 0.14"
     assert format_cell(Stat(()), 3) == "—"
     assert format_diff(Stat((0.5,)), Stat((0.3, 0.32, 0.34))) == "+18.0"  # one seed: no std, no flag
-    assert format_diff(Stat((0.32, 0.32)), Stat((0.32, 0.32))) == "+0.0"
-    # no spread on either side: a difference is not flagged (the 2-SE test has nothing to go on)
-    assert format_diff(Stat((0.30, 0.30)), Stat((0.32, 0.32))) == "-2.0"
+    assert format_diff(Stat((0.32, 0.32)), Stat((0.32, 0.32))) == "+0.0 [+0.0, +0.0]"
+    # no spread on either side: a difference is not flagged (the interval has nothing to go on)
+    assert format_diff(Stat((0.30, 0.30)), Stat((0.32, 0.32))) == "-2.0 [-2.0, -2.0]"
 
 
 def test_none_metrics_excluded_and_counted(tmp_path):
@@ -188,7 +201,8 @@ def test_ablation_groups(tmp_path):
     beta_section = md[md.index("## Ablation: `beta`"):]
     assert "### Difference" not in k_section  # no condition named like the control
     assert table_row(k_section, "K=5")[1:3] == ["2", "21.5 ± 0.7"]
-    assert table_row(beta_section, "beta=0.1", after="### Difference")[2] == "-2.0*"  # 2 SE = 1.4 points
+    # SE = 0.71 points, df = 2, t = 4.303: -2.0 +- 3.0, not flagged with two seeds
+    assert table_row(beta_section, "beta=0.1", after="### Difference")[2] == "-2.0 [-5.0, +1.0]"
     assert [p.name for p in result["plots"]][-2:] == ["ablation_K.png", "ablation_beta.png"]
     assert result["table"]["group"].to_list() == ["main", "main", "K", "K", "beta", "beta"]
 
@@ -220,3 +234,15 @@ def test_errors(tmp_path, two_conditions):
     with pytest.raises(ValueError, match=r"duplicate result for group 'main', condition 'sft', seed 1"):
         aggregate(duplicate)
     assert not (tmp_path / "r.md").exists()
+
+
+def test_a_group_with_its_own_control_and_title(tmp_path):
+    records = (series("sft", [0.30, 0.32]) + series("misp", [0.20, 0.22])
+               + series("dpo", [0.30, 0.31], group="no_sft") + series("misp", [0.25, 0.26], group="no_sft"))
+    md = write_report(records, tmp_path / "r.md", tmp_path / "p", title="t", group_controls={"no_sft": "dpo"},
+                      group_titles={"no_sft": "Paper form"})["markdown"]
+    section = md[md.index("## Paper form"):]
+    assert "## Ablation: `no_sft`" not in md
+    # misp minus dpo = 25.5 - 30.5: SE = 0.71 points, df = 2, t = 4.303
+    assert table_row(section, "misp", after="### Difference vs `dpo`")[2] == "-5.0* [-8.0, -2.0]"
+    assert "ratios against `dpo`" in section
