@@ -75,11 +75,12 @@ PAPER_CONTROL = "dpo"
 PAPER_FORM: tuple[Condition, ...] = tuple(
     c.with_group(PAPER_GROUP) if c.preset is None else
     Condition(c.name, c.preset, {**c.loss, "sft_weight": 0.0}, c.shards, PAPER_GROUP)
-    for c in MAIN if c.preset != "sft")
-"""The preference arms as their papers run them: no SFT term (SPEC §4: MISP-DPO's SFT term is off by default),
-compared with single-negative `dpo` (the paper's claims are multi-negative over single-negative, mined over
-random). Measured on the `prior` base: 200 steps of the shared SFT term alone take the prior probe from 28% to
-about 1%, so with it every arm sits at that floor and the preference terms have nothing left to show."""
+    for c in MAIN if c.name in ("base", "dpo", "random_multi", "misp"))
+"""An ablation of the SFT term: the arms the paper's two claims are about (multi-negative over single-negative
+`dpo`, mined over random negatives) as their papers run them, with no SFT term (SPEC §4: MISP-DPO's SFT term is off
+by default), against `dpo`. Measured on the `prior` base: 200 steps of the shared SFT term alone take the prior
+probe from 28% to about 1%, so with it every arm sits at that floor and the preference terms have nothing left to
+show. Like the other ablations it runs the first `ablation_seeds` seeds."""
 GROUP_CONTROLS: dict[str, str] = {PAPER_GROUP: PAPER_CONTROL}
 """The condition each group's differences are taken against, where it is not `CONTROL`."""
 GROUP_TITLES: dict[str, str] = {PAPER_GROUP: "Paper form: preference terms only (no SFT term), against `dpo`"}

@@ -94,7 +94,8 @@ def test_paper_form_and_ablations_run_without_the_sft_term():
     from experiment.conditions import PAPER_FORM, PAPER_GROUP
     from trainer.losses import LossConfig
 
-    assert [c.name for c in PAPER_FORM] == [c.name for c in MAIN if c.name != "sft"]
+    assert [c.name for c in PAPER_FORM] == ["base", "dpo", "random_multi", "misp"]
+    assert all(c.group == PAPER_GROUP for c in PAPER_FORM)
     for cond in PAPER_FORM[1:] + ablations(16):
         assert train_overrides(cond, sft_weight=0.7)["loss"]["sft_weight"] == 0.0, cond
     by = {(c.group, c.name): c for c in PAPER_FORM + ablations(16)}
@@ -244,5 +245,6 @@ def test_main_conditions_run_five_seeds_and_ablations_three():
     by = {(c.group, c.name): seeds_of(cfg, c) for c in plan(True, True, cfg)}
     assert by[("main", "base")] == (0,) and by[("main", "misp")] == (0, 1, 2, 3, 4)
     assert by[("K", "K=5")] == (0, 1, 2) and by[("rule", "random")] == (0, 1, 2)
+    assert by[("no_sft", "misp")] == (0, 1, 2) and by[("no_sft", "base")] == (0,)
     with pytest.raises(ValueError, match="ablation_seeds"):
         ExperimentConfig(ablation_seeds=0)
