@@ -167,8 +167,11 @@ def test_quick_experiment_costs_follow_the_presets(quick):
     assert by[("main", "misp", 0)]["train"]["forward_rows"] == 5 * examples
     full = next(r for k, r in by.items() if k[0] == "is" and k[1].startswith("full pool") and k[2] == 0)
     assert full["train"]["forward_rows"] > by[("main", "misp", 0)]["train"]["forward_rows"]
-    # conditions that train the same thing in two groups share one run
-    assert by[("K", "K=3", 0)]["eval"] == by[("main", "misp", 0)]["eval"]
+    # conditions that train the same thing in two groups share one run; the paper form trains without the SFT term
+    assert by[("K", "K=3", 0)]["eval"] == by[("no_sft", "misp", 0)]["eval"]
+    assert by[("no_sft", "misp", 0)]["train"]["final"]["loss"] != by[("main", "misp", 0)]["train"]["final"]["loss"]
+    assert "loss/sft" not in by[("no_sft", "misp", 0)]["train"]["final"]
+    assert "loss/sft" in by[("main", "misp", 0)]["train"]["final"]
     for r in records:
         if r["train"]:
             assert r["train"]["steps"] == QUICK.steps and r["train"]["reference_rows"] >= r["train"]["forward_rows"] \
