@@ -81,8 +81,22 @@ PAPER_FORM: tuple[Condition, ...] = tuple(
 by default), against `dpo`. Measured on the `prior` base: 200 steps of the shared SFT term alone take the prior
 probe from 28% to about 1%, so with it every arm sits at that floor and the preference terms have nothing left to
 show. Like the other ablations it runs the first `ablation_seeds` seeds."""
-GROUP_CONTROLS: dict[str, str] = {PAPER_GROUP: PAPER_CONTROL}
-"""The condition each group's differences are taken against, where it is not `CONTROL`."""
+ABLATION_REFERENCES: dict[str, str] = {"K": "K=3", "rule": "greedy (SAE + diversity)", "sae_space": "fused",
+                                       "beta": "beta=0.5"}
+"""Each ablation group's arm equal to `misp` itself: the others differ from it in one setting, so the group's
+differences are taken against it (the `is` group's against the full pool, `full_pool_name`)."""
+
+
+def full_pool_name(pool_size: int) -> str:
+    """The `is` group's arm that forwards every candidate: what the IS arms estimate at a fraction of its cost."""
+    return f"full pool ({pool_size})"
+
+
+def group_controls(pool_size: int) -> dict[str, str]:
+    """The condition each group's differences are taken against, where it is not `CONTROL`."""
+    return {PAPER_GROUP: PAPER_CONTROL, **ABLATION_REFERENCES, "is": full_pool_name(pool_size)}
+
+
 GROUP_TITLES: dict[str, str] = {PAPER_GROUP: "Paper form: preference terms only (no SFT term), against `dpo`"}
 
 
@@ -93,18 +107,19 @@ def ablations(pool_size: int) -> tuple[Condition, ...]:
     misp = next(c for c in PAPER_FORM if c.name == "misp")
     no_sft = {"sft_weight": 0.0}
     # the arm equal to `misp` itself (K = 3, beta 0.5) is `misp`'s run under another label, not a second run
-    out = [misp.with_group("K", "K=3") if k == 3 else Condition(f"K={k}", "misp", {**no_sft, "num_negatives": k},
+    ref = ABLATION_REFERENCES
+    out = [misp.with_group("K", ref["K"]) if k == 3 else Condition(f"K={k}", "misp", {**no_sft, "num_negatives": k},
                                                                     group="K") for k in (1, 2, 3, 5, 8)]
-    out += [misp.with_group("rule", "greedy (SAE + diversity)"),
+    out += [misp.with_group("rule", ref["rule"]),
             Condition("similarity (top-K CLIP)", "misp", {**no_sft, "shard_rule": "similarity"}, "similarity", "rule"),
             next(c for c in PAPER_FORM if c.name == "random_multi").with_group("rule", "random")]
-    out += [misp.with_group("sae_space", "fused"),
+    out += [misp.with_group("sae_space", ref["sae_space"]),
             Condition("image", "misp", dict(no_sft), "greedy_image", "sae_space")]
-    out += [misp.with_group("beta", "beta=0.5") if b == 0.5 else Condition(f"beta={b}", "misp", {**no_sft, "beta": b},
+    out += [misp.with_group("beta", ref["beta"]) if b == 0.5 else Condition(f"beta={b}", "misp", {**no_sft, "beta": b},
                                                                             group="beta") for b in (0.1, 0.5, 1.0)]
     out += [Condition(f"IS K'={k}", "misp", {**no_sft, "is_mode": "fixed", "k_prime": k}, group="is")
             for k in (2, 4, 8)]
-    out += [Condition(f"full pool ({pool_size})", "misp", {**no_sft, "num_negatives": pool_size}, group="is")]
+    out += [Condition(full_pool_name(pool_size), "misp", {**no_sft, "num_negatives": pool_size}, group="is")]
     return tuple(out)
 
 

@@ -570,7 +570,8 @@ def _main_section(summaries: Sequence[Summary], metrics: Sequence[str], plain: f
 def _ablation_section(group: str, summaries: Sequence[Summary], metrics: Sequence[str], plain: frozenset[str],
                       control: str, baseline: str, plots_dir: Path, md_dir: Path, plots: list[Path],
                       title: str | None = None) -> list[str]:
-    parts = [f"## {title or f'Ablation: `{group}`'}", ""]
+    against = f", against `{control}`" if _find(summaries, control) is not None else ""
+    parts = [f"## {title or f'Ablation: `{group}`{against}'}", ""]
     parts += _comparison(summaries, metrics, plain, control, skip=(control, baseline))
     # The cost of each arm, against the full pool where the group has one (the IS arms exist to be cheaper than
     # forwarding it), else against the group's control, else its first trained arm.

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from experiment.conditions import (BASELINE, CONTROL, GROUP_CONTROLS, GROUP_TITLES, MAIN, PAPER_FORM, Condition,
-                                   ablations, train_overrides)
+from experiment.conditions import (BASELINE, CONTROL, GROUP_TITLES, MAIN, PAPER_FORM, Condition,
+                                   ablations, group_controls, train_overrides)
 from experiment.report import format_console, write_report
 from store.fingerprint import fingerprint, sha256_file
 from store.parquet_io import write_bytes_atomic, write_json_atomic
@@ -346,7 +346,7 @@ def run_experiment(cfg: ExperimentConfig, conditions: Sequence[Condition], out_m
     write_bytes_atomic("".join(json.dumps(r) + "\n" for r in records).encode(), results)
     total = time.perf_counter() - t_start
     write_report(records, out_md, out_md.parent / out_md.stem, title=title, control=CONTROL, baseline=BASELINE,
-                 group_controls=GROUP_CONTROLS, group_titles=GROUP_TITLES,
+                 group_controls=group_controls(cfg.candidates), group_titles=GROUP_TITLES,
                  preamble=preamble(cfg, base, ctx, total, results, list(runs.values())))
     print("\n" + format_console(records))
     print(f"\nreport: {out_md}  (results: {results}; {total / 60:.1f} min)")

@@ -109,6 +109,18 @@ def test_paper_form_and_ablations_run_without_the_sft_term():
     assert len({c.run_key() for c in ablations(16)} - {c.run_key() for c in PAPER_FORM}) == 12
 
 
+def test_every_group_control_is_an_arm_of_its_group():
+    """A renamed arm would silently drop its group's difference table: each control names a member of its group."""
+    from experiment.conditions import PAPER_FORM, group_controls
+
+    members = {(c.group, c.name) for c in MAIN + PAPER_FORM + ablations(12)}
+    controls = group_controls(12)
+    assert controls["is"] == "full pool (12)" and controls["K"] == "K=3"
+    assert {g for g, _ in members} - {"main"} == set(controls)
+    for group, control in controls.items():
+        assert (group, control) in members, (group, control)
+
+
 def test_flatten_eval_reads_the_eval_result():
     result = {"chair": {"levels": {"object": {"chair_i": 0.5, "chair_s": 0.6, "recall": 0.7, "mentions_per_caption": 2.0,
                                               "well_formed": 1.0, "empty": 0.0},

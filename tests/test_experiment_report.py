@@ -200,6 +200,7 @@ def test_ablation_groups(tmp_path):
     k_section = md[md.index("## Ablation: `K`"):md.index("## Ablation: `beta`")]
     beta_section = md[md.index("## Ablation: `beta`"):]
     assert "### Difference" not in k_section  # no condition named like the control
+    assert k_section.startswith("## Ablation: `K`\n") and beta_section.startswith("## Ablation: `beta`, against `sft`\n")
     assert table_row(k_section, "K=5")[1:3] == ["2", "21.5 ± 0.7"]
     # SE = 0.71 points, df = 2, t = 4.303: -2.0 +- 3.0, not flagged with two seeds
     assert table_row(beta_section, "beta=0.1", after="### Difference")[2] == "-2.0 [-5.0, +1.0]"
