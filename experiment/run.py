@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from experiment.conditions import (BASELINE, CONTROL, GROUP_TITLES, MAIN, PAPER_FORM, Condition,
-                                   ablations, group_controls, train_overrides)
+from experiment.conditions import (BASELINE, CONTROL, FULL_SEED_GROUPS, GROUP_TITLES, LOW_SFT, LOW_SFT_WEIGHT, MAIN,
+                                   PAPER_FORM, Condition, ablations, group_controls, train_overrides)
 from experiment.report import format_console, write_report
 from store.fingerprint import fingerprint, sha256_file
 from store.parquet_io import write_bytes_atomic, write_json_atomic
@@ -306,18 +306,18 @@ def run_one(ctx: Context, cond: Condition, seed: int) -> dict[str, Any]:
 
 
 def plan(with_main: bool, with_ablations: bool, cfg: ExperimentConfig) -> list[Condition]:
-    conds = list(MAIN) + list(PAPER_FORM) if with_main else []
+    conds = list(MAIN) + list(LOW_SFT) + list(PAPER_FORM) if with_main else []
     if with_ablations:
         conds += list(ablations(cfg.candidates))
     return conds
 
 
 def seeds_of(cfg: ExperimentConfig, cond: Condition) -> tuple[int, ...]:
-    """The seeds a condition runs: the base model one (it is not trained), a main condition every seed, an
-    ablation (the paper form included) the first `ablation_seeds`."""
+    """The seeds a condition runs: the base model one (it is not trained), a condition of `FULL_SEED_GROUPS` (main,
+    low SFT weight) every seed, an ablation (the paper form included) the first `ablation_seeds`."""
     if cond.preset is None:
         return cfg.seeds[:1]
-    return cfg.seeds if cond.group == "main" else cfg.seeds[:cfg.ablation_seeds]
+    return cfg.seeds if cond.group in FULL_SEED_GROUPS else cfg.seeds[:cfg.ablation_seeds]
 
 
 def run_experiment(cfg: ExperimentConfig, conditions: Sequence[Condition], out_md: Path, *, title: str,
@@ -380,9 +380,10 @@ def preamble(cfg: ExperimentConfig, base: dict[str, Any], ctx: Context, total: f
             colour=cap.get("colour", float("nan")), count=cap.get("count", float("nan"))),
         "",
         f"**Budget.** Every trained condition: {cfg.steps} steps x {cfg.batch_size} examples, lr {cfg.lr}, the same "
-        f"batch order per seed (main conditions: seeds {', '.join(map(str, cfg.seeds))}; ablations, the paper form "
-        f"included: seeds {', '.join(map(str, cfg.seeds[:cfg.ablation_seeds]))}), the same SFT term (weight "
-        f"{cfg.sft_weight}) except in the paper form, where it is off; the `sft` control has only that term. "
+        f"batch order per seed (main conditions and the low SFT weight group: seeds {', '.join(map(str, cfg.seeds))}; "
+        f"ablations, the paper form included: seeds {', '.join(map(str, cfg.seeds[:cfg.ablation_seeds]))}), the same "
+        f"SFT term (weight {cfg.sft_weight}) except in the low SFT weight group ({LOW_SFT_WEIGHT}) and the paper form "
+        f"(off); the `sft` control has only that term. "
         f"Mined pool m = {cfg.candidates} candidates per example; evaluation on {cfg.eval_limit or 'all'} test "
         f"scenes with greedy decoding, and the prior probe (world.prior_probe) on every test scene with two or more "
         f"objects.",

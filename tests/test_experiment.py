@@ -109,11 +109,25 @@ def test_paper_form_and_ablations_run_without_the_sft_term():
     assert len({c.run_key() for c in ablations(16)} - {c.run_key() for c in PAPER_FORM}) == 12
 
 
+def test_the_low_sft_group_changes_only_the_sft_weight():
+    from experiment.conditions import LOW_SFT, LOW_SFT_GROUP
+
+    main = {c.name: c for c in MAIN}
+    assert [c.name for c in LOW_SFT] == ["base", "sft", "dpo", "random_multi", "misp"]
+    for cond in LOW_SFT:
+        assert cond.group == LOW_SFT_GROUP and cond.shards == main[cond.name].shards
+        if cond.name in ("base", "sft"):  # the main runs under another label
+            assert cond.run_key() == main[cond.name].run_key()
+        else:
+            assert train_overrides(cond, sft_weight=1.0)["loss"] == {"sft_weight": 0.1}
+            assert train_overrides(main[cond.name], sft_weight=1.0)["loss"] == {"sft_weight": 1.0}
+
+
 def test_every_group_control_is_an_arm_of_its_group():
     """A renamed arm would silently drop its group's difference table: each control names a member of its group."""
-    from experiment.conditions import PAPER_FORM, group_controls
+    from experiment.conditions import LOW_SFT, PAPER_FORM, group_controls
 
-    members = {(c.group, c.name) for c in MAIN + PAPER_FORM + ablations(12)}
+    members = {(c.group, c.name) for c in MAIN + LOW_SFT + PAPER_FORM + ablations(12)}
     controls = group_controls(12)
     assert controls["is"] == "full pool (12)" and controls["K"] == "K=3"
     assert {g for g, _ in members} - {"main"} == set(controls)
@@ -261,5 +275,6 @@ def test_main_conditions_run_five_seeds_and_ablations_three():
     assert by[("main", "base")] == (0,) and by[("main", "misp")] == (0, 1, 2, 3, 4)
     assert by[("K", "K=5")] == (0, 1, 2) and by[("rule", "random")] == (0, 1, 2)
     assert by[("no_sft", "misp")] == (0, 1, 2) and by[("no_sft", "base")] == (0,)
+    assert by[("low_sft", "misp")] == (0, 1, 2, 3, 4) and by[("low_sft", "base")] == (0,)
     with pytest.raises(ValueError, match="ablation_seeds"):
         ExperimentConfig(ablation_seeds=0)
