@@ -258,9 +258,10 @@ def _read_result(path: Path) -> dict[str, Any]:
         return {}
 
 
-def run_one(ctx: Context, cond: Condition, seed: int) -> dict[str, Any]:
+def run_one(ctx: Context, cond: Condition, seed: int, *, compute: bool = True) -> dict[str, Any] | None:
     """Train (unless base) and evaluate one condition and seed. A current training is not redone; a current
-    training whose evaluation is stale (another eval config or EVAL_VERSION) is only re-evaluated."""
+    training whose evaluation is stale (another eval config or EVAL_VERSION) is only re-evaluated.
+    `compute=False`: the stored record if it is current, else None (nothing trained or evaluated)."""
     from eval.run import EvalConfig, evaluate_model
     from trainer.ref_cache import model_fingerprint
 
@@ -280,6 +281,8 @@ def run_one(ctx: Context, cond: Condition, seed: int) -> dict[str, Any]:
     trained = saved.get("train_fingerprint") == train_fp and (tcfg is None or (run_dir / "final").is_dir())
     if trained and saved.get("eval_fingerprint") == eval_fp:
         return saved["record"]
+    if not compute:
+        return None
     model_dir = ctx.base_dir
     if tcfg is None:
         train_info = None
@@ -321,40 +324,60 @@ def seeds_of(cfg: ExperimentConfig, cond: Condition) -> tuple[int, ...]:
 
 
 def run_experiment(cfg: ExperimentConfig, conditions: Sequence[Condition], out_md: Path, *, title: str,
-                   root: Path | None = None, progress: bool = True, instance=None) -> list[dict[str, Any]]:
-    """Everything: shards, base model, runs, report. Returns the records."""
+                   root: Path | None = None, progress: bool = True, instance=None,
+                   report_only: bool = False) -> list[dict[str, Any]]:
+    """Everything: shards, base model, runs, report. Returns the records.
+    `report_only`: mine, train and evaluate nothing; report the runs that are current (e.g. while other processes
+    are still running seeds) and name the missing ones in the report."""
     t_start = time.perf_counter()
     root = (Path(root) if root else data_root() / "experiment" / cfg.world_preset).resolve()
     ctx = Context(cfg, root, progress)
-    prepare_shards(ctx, [c.shards for c in conditions if c.preset], instance=instance)
-    if not ctx.world_dir.is_dir():  # only the base model is asked for: still needs the world
-        from world import generate_world, preset
+    if report_only:
+        from world.base_model import read_report
 
-        generate_world(preset(cfg.world_preset), ctx.world_dir, progress=progress)
-    base = prepare_base(ctx)
+        saved_base = read_report(ctx.base_dir)
+        if saved_base is None or not ctx.world_dir.is_dir():
+            raise ValueError(f"--report-only: no experiment under {root} (no base model or world): run "
+                             "`python -m experiment` without it first, or pass the --root it used")
+        base = saved_base.to_dict()
+    else:
+        prepare_shards(ctx, [c.shards for c in conditions if c.preset], instance=instance)
+        if not ctx.world_dir.is_dir():  # only the base model is asked for: still needs the world
+            from world import generate_world, preset
+
+            generate_world(preset(cfg.world_preset), ctx.world_dir, progress=progress)
+        base = prepare_base(ctx)
     records: list[dict[str, Any]] = []
     runs: dict[tuple[str, int], dict[str, Any]] = {}
+    missing: list[str] = []
     for i, cond in enumerate(conditions, 1):
         for seed in seeds_of(cfg, cond):
             key = (cond.run_key(), seed)
-            print(f"\n=== [{i}/{len(conditions)}] {cond.group}: {cond.name}, seed {seed}", flush=True)
+            if not report_only:
+                print(f"\n=== [{i}/{len(conditions)}] {cond.group}: {cond.name}, seed {seed}", flush=True)
             if key not in runs:
-                runs[key] = run_one(ctx, cond, seed)
+                record = run_one(ctx, cond, seed, compute=not report_only)
+                if record is None:
+                    missing.append(f"{cond.group}: {cond.name}, seed {seed}")
+                    continue
+                runs[key] = record
             records.append({**runs[key], "condition": cond.name, "group": cond.group, "seed": seed})
+    if missing:
+        print(f"not run yet ({len(missing)}): " + "; ".join(missing), flush=True)
     out_md = Path(out_md)
     results = out_md.with_suffix(".results.jsonl")
     write_bytes_atomic("".join(json.dumps(r) + "\n" for r in records).encode(), results)
     total = time.perf_counter() - t_start
     write_report(records, out_md, out_md.parent / out_md.stem, title=title, control=CONTROL, baseline=BASELINE,
                  group_controls=group_controls(cfg.candidates), group_titles=GROUP_TITLES,
-                 preamble=preamble(cfg, base, ctx, total, results, list(runs.values())))
+                 preamble=preamble(cfg, base, ctx, total, results, list(runs.values()), missing))
     print("\n" + format_console(records))
     print(f"\nreport: {out_md}  (results: {results}; {total / 60:.1f} min)")
     return records
 
 
 def preamble(cfg: ExperimentConfig, base: dict[str, Any], ctx: Context, total: float, results: Path,
-             runs: Sequence[dict[str, Any]] = ()) -> str:
+             runs: Sequence[dict[str, Any]] = (), missing: Sequence[str] = ()) -> str:
     from world import preset
 
     train_s = sum((r["train"] or {}).get("wall_seconds") or (r["train"] or {}).get("seconds") or 0 for r in runs)
@@ -388,6 +411,9 @@ def preamble(cfg: ExperimentConfig, base: dict[str, Any], ctx: Context, total: f
         f"scenes with greedy decoding, and the prior probe (world.prior_probe) on every test scene with two or more "
         f"objects.",
     ]
+    if missing:
+        lines += ["", f"**Not run yet ({len(missing)}; a report of the finished runs, `--report-only`).** "
+                  + "; ".join(missing) + ". Their conditions show fewer seeds (column n)."]
     return "\n".join(lines)
 
 
@@ -419,6 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                  "reports/ablations.md; --quick: <data root>/experiment/quick.md)")
     ap.add_argument("--root", default=None, help="work folder (default <data root>/experiment/<world preset>)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train and evaluate nothing: report the finished runs and list the missing ones (e.g. while "
+                         "another process runs seeds)")
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else ExperimentConfig()
     if args.seeds is not None:
@@ -433,7 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     title = ("MISP-DPO against its baselines on the scene world" if main_part else "MISP-DPO ablations")
     run_experiment(cfg, conds, out, title=title + (" (quick mode: checks the machinery, measures nothing)"
                                                     if args.quick else ""),
-                   root=Path(args.root) if args.root else None, progress=not args.no_progress)
+                   root=Path(args.root) if args.root else None, progress=not args.no_progress,
+                   report_only=args.report_only)
     return 0
 
 

@@ -240,6 +240,23 @@ def test_quick_experiment_rerun_reuses_every_result(quick, monkeypatch):
     assert {p: os.stat(p).st_mtime_ns for p in results} == before
 
 
+def test_report_only_trains_nothing_and_names_what_is_missing(quick, tmp_path):
+    from experiment.conditions import Condition
+
+    root, out, conds, records, _ = quick
+    runs = root / "work" / "runs"
+    before = {p: os.stat(p).st_mtime_ns for p in runs.glob("*/result.json")}
+    extra = Condition("beta=0.3", "misp", {"beta": 0.3}, group="extra")
+    partial = run_experiment(QUICK, [*conds, extra], tmp_path / "partial.md", title="partial", root=root / "work",
+                             progress=False, report_only=True)
+    assert partial == records  # every finished run reported, the unfinished one left out
+    assert {p: os.stat(p).st_mtime_ns for p in runs.glob("*/result.json")} == before
+    md = (tmp_path / "partial.md").read_text()
+    assert "Not run yet (2;" in md and "extra: beta=0.3, seed 0; extra: beta=0.3, seed 1" in md
+    with pytest.raises(ValueError, match="no experiment under"):
+        run_experiment(QUICK, conds, tmp_path / "r.md", title="t", root=tmp_path / "empty", report_only=True)
+
+
 def test_a_stale_evaluation_is_redone_without_retraining(quick, monkeypatch):
     """Runs after the rerun test: it leaves results evaluated under another EVAL_VERSION."""
     root, out, conds, records, _ = quick
