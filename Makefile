@@ -84,7 +84,7 @@ eval: $(STAMP)  ## Hallucination benchmarks (POPE-style, CHAIR) of MODEL (defaul
 	@test -f $(MODEL)/config.json || (echo "no model in $(MODEL): run 'make base' or give MODEL=<folder>" && exit 1)
 	$(PY) -m eval --model $(MODEL) --world $(WORLD_DIR) $(EVAL_ARGS)
 
-experiment: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## Base, SFT control and every preset x 5 seeds -> reports/experiment.md (EXPERIMENT_ARGS="--quick")
+experiment: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## Base, SFT control and every preset x 5 seeds (low SFT weight too; paper form x 3) -> reports/experiment.md (EXPERIMENT_ARGS="--quick")
 	$(PY) -m experiment $(EXPERIMENT_ARGS)
 
 ablations: $(STAMP) $(DAGSTER_HOME)/dagster.yaml  ## K, selection rule, SAE space, beta, IS K' vs full pool x 3 seeds -> reports/ablations.md
