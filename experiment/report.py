@@ -573,11 +573,10 @@ def _ablation_section(group: str, summaries: Sequence[Summary], metrics: Sequenc
     against = f", against `{control}`" if _find(summaries, control) is not None else ""
     parts = [f"## {title or f'Ablation: `{group}`{against}'}", ""]
     parts += _comparison(summaries, metrics, plain, control, skip=(control, baseline))
-    # The cost of each arm, against the full pool where the group has one (the IS arms exist to be cheaper than
-    # forwarding it), else against the group's control, else its first trained arm.
+    # The cost of each arm against the group's control (for the IS arms the full pool, which they exist to be
+    # cheaper than: experiment.conditions.group_controls), else against its first trained arm.
     trained = [s for s in summaries if s.train_seconds.n] or list(summaries)
-    ref = next((s for s in summaries if s.condition.startswith("full pool")), None) or _find(summaries, control) \
-        or trained[0]
+    ref = _find(summaries, control) or trained[0]
     parts += [f"Cost (ratios against `{ref.condition}`):", "", cost_table(summaries, ref), ""]
     panels = present(summaries, ABLATION_PLOT_METRICS)
     if panels:
